@@ -1,0 +1,80 @@
+"""The control API server (aiohttp) on the unix socket in the runtime dir, mode 0660."""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from agent.errors import AgentError
+
+SOCKET_MODE = 0o660
+SOCKET_GROUP = "emp-agent"
+
+StatusSource = Callable[[], dict[str, Any]]
+
+
+class ControlApi:
+    """GET /healthz (process alive), /readyz (phase ready), /status (the full status document)."""
+
+    def __init__(self, socket_path: Path, status: StatusSource) -> None:
+        self.socket_path = socket_path
+        self._status = status
+        self._runner: web.AppRunner | None = None
+
+    def _app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/status", self._status_handler)
+        return app
+
+    async def start(self) -> None:
+        """Listen; refuses to take over a socket another live agent answers on."""
+        self.socket_path.parent.mkdir(parents=True, exist_ok=True)
+        _clear_stale_socket(self.socket_path)
+        self._runner = web.AppRunner(self._app(), access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.UnixSite(self._runner, str(self.socket_path))
+        await site.start()
+        os.chmod(self.socket_path, SOCKET_MODE)
+        with contextlib.suppress(KeyError, PermissionError):
+            os.chown(self.socket_path, -1, grp.getgrnam(SOCKET_GROUP).gr_gid)
+
+    async def stop(self) -> None:
+        """Stop serving and remove the socket."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        status = self._status()
+        body = {"phase": status["phase"], "reasons": status["reasons"]}
+        return web.json_response(body, status=200 if status["phase"] == "ready" else 503)
+
+    async def _status_handler(self, request: web.Request) -> web.Response:
+        return web.json_response(self._status())
+
+
+def _clear_stale_socket(path: Path) -> None:
+    if not path.exists():
+        return
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()  # left behind by an agent that died
+            return
+    raise AgentError(f"another emp-agent is already serving on {path}")

@@ -1,0 +1,43 @@
+"""What the stages share: inputs (settings, profile, adapters) and what earlier stages found."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from agent.host.facts import HostFacts
+from agent.host.gpu import GpuProbe, GpuReport
+from agent.modelstore import ModelStatus, ModelStore
+from agent.profile import Profile
+from agent.settings import Settings
+from agent.supervisor.instances import Paths
+from agent.supervisor.table import ProcessTable
+
+
+class Registrar(Protocol):
+    """The part of the heartbeat the register stage needs."""
+
+    async def beat(self) -> None: ...
+
+    def start(self) -> None: ...
+
+
+@dataclass
+class BootstrapContext:
+    """Inputs are set by the daemon; the result fields are filled by the stages in order."""
+
+    settings: Settings
+    profile: Profile
+    machine_id: str
+    paths: Paths
+    table: ProcessTable
+    gpu_probe: GpuProbe
+    models: ModelStore
+    registrar: Registrar
+    agent_env: Mapping[str, str]
+    host: HostFacts | None = None
+    gpus: GpuReport | None = None
+    model_status: dict[str, ModelStatus] = field(default_factory=dict)
+    service_names: list[str] = field(default_factory=list)
+    degraded: dict[str, str] = field(default_factory=dict)

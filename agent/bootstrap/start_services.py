@@ -1,0 +1,47 @@
+"""Stage start_services: expand the profile into instances, put them in the process table, start them in order."""
+
+from __future__ import annotations
+
+from agent.bootstrap.context import BootstrapContext
+from agent.errors import StageFailed
+from agent.supervisor.instances import expand
+
+
+class StartServices:
+    """Spawn failures are not raised here: they become BACKOFF/FATAL states of the instance."""
+
+    name = "start_services"
+    fatal = True
+    always_run = False
+
+    async def run(self, ctx: BootstrapContext) -> str:
+        gpus = ctx.gpus.gpus if ctx.gpus else []
+        try:
+            instances = expand(ctx.profile, gpus, ctx.paths, ctx.machine_id, ctx.agent_env)
+        except OSError as exc:
+            raise StageFailed(self.name, f"cannot allocate ports: {exc.strerror or exc}") from None
+        for spec in instances:
+            ctx.table.add(spec)
+        ctx.service_names = [spec.name for spec in instances]
+        skipped = await ctx.table.start_all(ctx.service_names)
+        for name, reason in skipped.items():
+            ctx.degraded[f"service {name}"] = f"not started: {reason}"
+        return f"{len(instances) - len(skipped)} of {len(instances)} instance(s) started"
+
+
+class WaitReady:
+    """Not fatal: a service that is not ready yet keeps being supervised; the machine is degraded meanwhile."""
+
+    name = "wait_ready"
+    fatal = False
+    always_run = False
+
+    async def run(self, ctx: BootstrapContext) -> str:
+        names = [n for n in ctx.service_names if ctx.table.get(n).spec.required]
+        if not names:
+            return "no required services"
+        timeout = max(ctx.table.get(n).spec.start_timeout_s for n in names)
+        not_ready = await ctx.table.wait_ready(names, timeout)
+        if not_ready:
+            raise StageFailed(self.name, "; ".join(f"{n}: {why}" for n, why in not_ready.items()))
+        return f"{len(names)} required instance(s) ready"

@@ -1,0 +1,163 @@
+"""The `emp-agent` command line; the only place that chooses exit codes.
+
+Exit codes: 0 ok, 1 failed, 2 usage or configuration error, 3 agent not running.
+Heavy modules (pydantic, redis, aiohttp, pynvml) are imported only by the commands that need them, so
+`emp-agent status` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from agent import __version__
+from agent.errors import AgentError, AgentNotRunning, ConfigError
+
+if TYPE_CHECKING:
+    from agent.profile import Profile
+    from agent.settings import Settings
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", type=Path, help="agent TOML file (default: $EMP_AGENT_CONFIG or "
+                                                     "/etc/emp-agent/agent.toml)")
+    parser = argparse.ArgumentParser(
+        prog="emp-agent",
+        description="Host agent for GPU fleets: bootstrap the host, supervise its services, register in Redis.",
+        epilog="Exit codes: 0 ok, 1 failed, 2 usage or configuration error, 3 agent not running.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = sub.add_parser("run", parents=[common], help="bootstrap this host and supervise it until SIGTERM")
+    run.add_argument("--profile", help="profile name or path (overrides EMP_AGENT_PROFILE)")
+    status = sub.add_parser("status", parents=[common], help="show the running agent's state")
+    status.add_argument("--json", action="store_true", help="print the status document as JSON")
+    status.add_argument("--socket", type=Path, help="control socket (default: <runtime_dir>/agent.sock)")
+    check = sub.add_parser("check", parents=[common], help="validate settings and profile; start nothing")
+    check.add_argument("--profile", help="profile name or path (overrides EMP_AGENT_PROFILE)")
+    sub.add_parser("detect", parents=[common], help="print host facts and GPUs as JSON")
+    sub.add_parser("version", help="print the agent version")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "version":
+            print(f"emp-agent {__version__}")
+            return EXIT_OK
+        if args.command == "status":
+            return _status(args)
+        if args.command == "check":
+            return _check(args)
+        if args.command == "detect":
+            return _detect(args)
+        return _run(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    except AgentNotRunning as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_NOT_RUNNING
+    except AgentError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+def _status(args: argparse.Namespace) -> int:
+    from agent.api.client import locate_socket, request_json
+    from agent.statusview import render_status
+
+    socket_path = args.socket or locate_socket(config_path=str(args.config) if args.config else None)
+    _, status = request_json(socket_path, "GET", "/status")
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        print(render_status(status, colour=sys.stdout.isatty()))
+    return EXIT_OK
+
+
+def _load(args: argparse.Namespace, need_profile: bool) -> tuple[Settings, Profile | None]:
+    from agent.errors import Problem
+    from agent.profile import load_profile
+    from agent.settings import load_settings
+
+    problems: list[Problem] = []
+    settings = None
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+    ref = getattr(args, "profile", None) or (settings.profile if settings else None)
+    profile = None
+    if ref is None and need_profile and settings is not None:
+        problems.append(Problem("settings", "EMP_AGENT_PROFILE", "no profile given (set it or pass --profile)"))
+    elif ref is not None:
+        from agent.settings import Settings
+
+        profiles_dir = settings.profiles_dir if settings else Settings.model_fields["profiles_dir"].default
+        try:
+            profile = load_profile(ref, profiles_dir)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    if problems or settings is None:
+        raise ConfigError(problems)
+    return settings, profile
+
+
+def _check(args: argparse.Namespace) -> int:
+    settings, profile = _load(args, need_profile=False)
+    if profile is None:
+        print("ok: settings valid (no profile given)")
+        return EXIT_OK
+    print(f"ok: settings valid; profile {profile.name} ({profile.source}): {len(profile.services)} service(s), "
+          f"{len(profile.models)} model(s), {len(profile.prepare)} prepare step(s)")
+    return EXIT_OK
+
+
+def _detect(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from agent.host.facts import read_host_facts
+    from agent.host.gpu import NvmlProbe
+
+    settings, _ = _load(args, need_profile=False)
+    report = asyncio.run(NvmlProbe(settings.gpu_probe_timeout_s).probe())
+    host = read_host_facts(settings.model_root)
+    print(json.dumps({"host": host.to_dict(), "gpu": report.to_dict()}, indent=2))
+    return EXIT_OK
+
+
+def _run(args: argparse.Namespace) -> int:
+    import asyncio
+    import os
+
+    from agent.daemon import Agent
+    from agent.logconfig import configure_logging
+    from agent.redact import SecretMasker
+
+    settings, profile = _load(args, need_profile=True)
+    assert profile is not None  # _load raised otherwise
+    masker = SecretMasker()
+    if settings.redis_url is not None:
+        from urllib.parse import urlsplit
+
+        password = urlsplit(settings.redis_url.get_secret_value()).password
+        if password:
+            masker.add(password)
+    for service in profile.services.values():
+        for name in service.inherit_env:
+            if os.environ.get(name):
+                masker.add(os.environ[name])
+    configure_logging(settings.log_level, settings.log_format.value, masker)
+    return asyncio.run(Agent(settings, profile).run())

@@ -1,0 +1,270 @@
+"""The composition root: builds every component, runs bootstrap then supervision, and shuts down in order."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import structlog
+
+from agent import __version__
+from agent.api.server import ControlApi
+from agent.bootstrap.context import BootstrapContext
+from agent.bootstrap.pipeline import Pipeline, Stage
+from agent.bootstrap.stages import default_stages
+from agent.errors import AgentError, ConfigError, Problem, RegistryError
+from agent.host.download import UrlFetcher
+from agent.host.gpu import GpuProbe, NvmlProbe
+from agent.host.launcher import Launcher, ProcessLauncher
+from agent.identity import boot_id, instance_id, machine_id
+from agent.machine import Phase, compute_phase
+from agent.modelstore import ModelStore
+from agent.profile import Profile
+from agent.registry import embedded
+from agent.registry.client import RedisRegistry
+from agent.registry.heartbeat import Heartbeat
+from agent.settings import Settings
+from agent.supervisor.instances import Paths, expand
+from agent.supervisor.service import iso_now
+from agent.supervisor.table import ProcessTable
+
+log = structlog.get_logger(__name__)
+EXIT_OK = 0
+EXIT_FORCED = 1
+REGISTRY_START_TIMEOUT_S = 30.0
+
+
+class Agent:
+    """One agent process: `await Agent(...).run()` returns the exit code."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        profile: Profile,
+        *,
+        launcher: Launcher | None = None,
+        gpu_probe: GpuProbe | None = None,
+        stages: list[Stage] | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.profile = profile
+        self._launcher = launcher or ProcessLauncher()
+        self._gpu_probe = gpu_probe or NvmlProbe(settings.gpu_probe_timeout_s)
+        self._stages = stages or default_stages()
+        self._environ = os.environ if environ is None else environ
+        self.paths = Paths(settings.model_root, settings.state_dir, settings.log_dir)
+        self.table = ProcessTable(self._launcher)
+        self.machine_id = ""
+        self.boot_id = boot_id()
+        self.instance_id = instance_id()
+        self.started_at = iso_now()
+        self._started_mono = time.monotonic()
+        self._stopping = False
+        self._shutdown = asyncio.Event()
+        self._force = asyncio.Event()
+        self._signals = 0
+        self._registry_url: str | None = None
+        self.pipeline: Pipeline | None = None
+        self.ctx: BootstrapContext | None = None
+        self.heartbeat: Heartbeat | None = None
+
+    # ---- lifecycle ---------------------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Startup, main loop until a signal, ordered shutdown."""
+        self._make_dirs()
+        self.machine_id = machine_id(self.settings.machine_id, self.settings.state_dir)
+        structlog.contextvars.bind_contextvars(machine_id=self.machine_id)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.handle_exit, sig)
+        api = ControlApi(self.settings.control_socket, self.status)
+        await api.start()
+        log.info("emp-agent starting", version=__version__, profile=self.profile.name, pid=os.getpid(),
+                 socket=str(self.settings.control_socket))
+        fetcher = UrlFetcher(self.settings.ca_bundle)
+        registry: RedisRegistry | None = None
+        pipeline_task: asyncio.Task[bool] | None = None
+        try:
+            registry = RedisRegistry(await self._registry_url_or_embedded())
+            self.heartbeat = Heartbeat(registry, self.machine_id, self.settings.heartbeat_interval_s, self.record)
+            self.ctx = BootstrapContext(
+                settings=self.settings, profile=self.profile, machine_id=self.machine_id, paths=self.paths,
+                table=self.table, gpu_probe=self._gpu_probe,
+                models=ModelStore(self.settings.model_root, self.settings.state_dir / "models.json", fetcher),
+                registrar=self.heartbeat, agent_env=self._environ,
+            )
+            self.pipeline = Pipeline(self._stages, self.settings.state_dir / "bootstrap.json", self._on_event)
+            pipeline_task = asyncio.create_task(self.pipeline.run(self.ctx), name="bootstrap")
+            pipeline_task.add_done_callback(self._after_bootstrap)
+            await self._shutdown.wait()
+        finally:
+            code = await self._teardown(pipeline_task, registry, api, fetcher)
+        return code
+
+    def handle_exit(self, sig: int) -> None:
+        """Signal handler: the first signal asks for an ordered shutdown, the second forces it."""
+        self._signals += 1
+        if self._signals == 1:
+            log.info("shutdown requested", signal=signal.Signals(sig).name)
+            self._shutdown.set()
+        else:
+            log.warning("second signal: killing every service now", signal=signal.Signals(sig).name)
+            self._force.set()
+            self.table.force_kill_all()
+
+    def _after_bootstrap(self, task: asyncio.Task[bool]) -> None:
+        if task.cancelled():
+            return
+        if task.exception() is not None:
+            log.error("bootstrap crashed", error=repr(task.exception()))
+            return
+        phase, reasons = self.phase()
+        log.info("bootstrap finished", phase=phase.value, reasons=reasons)
+
+    async def _teardown(
+        self,
+        pipeline_task: asyncio.Task[bool] | None,
+        registry: RedisRegistry | None,
+        api: ControlApi,
+        fetcher: UrlFetcher,
+    ) -> int:
+        self._stopping = True
+        log.info("stopping", phase=Phase.STOPPING.value)
+        if pipeline_task is not None and not pipeline_task.done():
+            pipeline_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await pipeline_task
+        if self.heartbeat is not None:
+            with contextlib.suppress(RegistryError):
+                await self.heartbeat.beat()  # publish "stopping" before the record goes
+            await self.heartbeat.stop(deregister=True)
+        if registry is not None:
+            await registry.aclose()
+        await self.table.stop_all()
+        await fetcher.aclose()
+        await api.stop()
+        forced = self._force.is_set()
+        log.info("stopped", forced=forced)
+        return EXIT_FORCED if forced else EXIT_OK
+
+    def _make_dirs(self) -> None:
+        problems = []
+        for field in ("state_dir", "runtime_dir", "log_dir", "model_root"):
+            path = getattr(self.settings, field)
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                problems.append(Problem("settings", f"EMP_AGENT_{field.upper()}", f"cannot create {path}: {exc.strerror}"))
+        if problems:
+            raise ConfigError(problems)
+
+    async def _registry_url_or_embedded(self) -> str:
+        if self.settings.redis_url is not None:
+            return self.settings.redis_url.get_secret_value()
+        try:
+            spec, url = embedded.server_spec(self.settings.state_dir)
+        except RegistryError as exc:
+            raise AgentError(str(exc)) from None
+        registry_profile = Profile(name="embedded", source="(built in)", services={embedded.SERVICE_NAME: spec})
+        (instance,) = expand(registry_profile, [], self.paths, self.machine_id, {})
+        self.table.add(instance)
+        await self.table.start_all([instance.name])
+        log.info("no EMP_AGENT_REDIS_URL: running the embedded registry server", socket=url, binary=spec.command[0])
+        not_ready = await self.table.wait_ready([instance.name], REGISTRY_START_TIMEOUT_S)
+        if not_ready:
+            log.error("embedded registry server not ready", reason=not_ready[instance.name])
+        self._registry_url = url
+        return url
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        self.table.events.append(event)
+
+    # ---- views -------------------------------------------------------------------------------------------
+
+    def phase(self) -> tuple[Phase, list[str]]:
+        """The machine phase now, and why."""
+        failure = self.pipeline.fatal_failure() if self.pipeline else None
+        return compute_phase(
+            stopping=self._stopping,
+            fatal_error=f"stage {failure.name} failed: {failure.error}" if failure else None,
+            pipeline_finished=bool(self.pipeline and self.pipeline.finished),
+            degraded=self.ctx.degraded if self.ctx else {},
+            unhealthy_services=self.table.unhealthy_required(),
+            registry_connected=bool(self.heartbeat and self.heartbeat.connected),
+        )
+
+    def capabilities(self) -> dict[str, Any]:
+        """The static capability record: host, GPUs, services with job-facing names, verified models."""
+        ctx = self.ctx
+        services = [
+            {"name": s["name"], "service": s["service"], "capabilities": s["capabilities"], "port": s["port"],
+             "gpu": s["gpu"]}
+            for s in self.table.snapshot() if s["service"] != embedded.SERVICE_NAME
+        ]
+        models = [
+            {"name": m.name, "dest": m.dest, "sha256": m.sha256, "size": m.size}
+            for m in (ctx.model_status.values() if ctx else []) if m.state in ("verified", "pulled")
+        ]
+        return {
+            "agent_version": __version__,
+            "profile": self.profile.name,
+            "host": ctx.host.to_dict() if ctx and ctx.host else None,
+            "gpu": ctx.gpus.to_dict() if ctx and ctx.gpus else None,
+            "services": services,
+            "models": models,
+        }
+
+    def record(self) -> dict[str, Any]:
+        """The machine record written to Redis at every heartbeat."""
+        phase, reasons = self.phase()
+        caps = self.capabilities()
+        caps_hash = hashlib.sha256(json.dumps(caps, sort_keys=True).encode()).hexdigest()[:16]
+        running = sorted({
+            name for s in self.table.snapshot() if s["state"] == "RUNNING" for name in s["capabilities"]
+        })
+        return {
+            "schema": "1", "machine_id": self.machine_id, "boot_id": self.boot_id, "instance_id": self.instance_id,
+            "agent_version": __version__, "profile": self.profile.name, "phase": phase.value,
+            "reasons": reasons, "started_at": self.started_at, "capabilities": caps, "caps_hash": caps_hash,
+            "services_ready": running,
+        }
+
+    def status(self) -> dict[str, Any]:
+        """The document behind `emp-agent status --json` and GET /status."""
+        phase, reasons = self.phase()
+        hb = self.heartbeat
+        ctx = self.ctx
+        return {
+            "schema": 1,
+            "agent_version": __version__,
+            "machine_id": self.machine_id,
+            "boot_id": self.boot_id,
+            "pid": os.getpid(),
+            "profile": self.profile.name,
+            "phase": phase.value,
+            "reasons": reasons,
+            "started_at": self.started_at,
+            "uptime_s": round(time.monotonic() - self._started_mono, 3),
+            "stages": [r.to_dict() for r in self.pipeline.records] if self.pipeline else [],
+            "services": self.table.snapshot(),
+            "models": [m.to_dict() for m in ctx.model_status.values()] if ctx else [],
+            "gpus": ctx.gpus.to_dict() if ctx and ctx.gpus else None,
+            "host": ctx.host.to_dict() if ctx and ctx.host else None,
+            "registry": {
+                "url": self._registry_url if self.settings.redis_url is None else self.settings.redis_url_redacted,
+                "embedded": self.settings.redis_url is None,
+                "connected": bool(hb and hb.connected),
+                "last_heartbeat": hb.last_heartbeat if hb else None,
+                "last_error": hb.last_error if hb else None,
+            },
+            "events": list(self.table.events)[-20:],
+        }

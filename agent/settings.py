@@ -1,0 +1,143 @@
+"""Agent settings: one pydantic Settings class fed by EMP_AGENT_* variables and an optional TOML file."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from enum import Enum
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from agent.errors import ConfigError, Problem
+from agent.redact import redact_url
+
+ENV_PREFIX = "EMP_AGENT_"
+DEFAULT_CONFIG_PATH = Path("/etc/emp-agent/agent.toml")
+CONFIG_PATH_VARIABLE = "EMP_AGENT_CONFIG"
+
+
+class LogFormat(str, Enum):
+    """How the agent writes its own log lines."""
+
+    AUTO = "auto"
+    JSON = "json"
+    CONSOLE = "console"
+
+
+class Settings(BaseSettings):
+    """Every knob of the agent. Environment variables win over the TOML file; the file over defaults."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+
+    machine_id: str | None = Field(
+        default=None,
+        description="Stable machine id; derived from /etc/machine-id and persisted in the state dir when unset.",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+    )
+    profile: str | None = Field(
+        default=None, description="Profile name (looked up in profiles_dir) or path to a profile TOML file."
+    )
+    profiles_dir: Path = Field(default=Path("/etc/emp-agent/profiles"), description="Where named profiles live.")
+    state_dir: Path = Field(default=Path("/var/lib/emp-agent"), description="Persistent agent state.")
+    runtime_dir: Path = Field(default=Path("/run/emp-agent"), description="Control socket directory.")
+    log_dir: Path = Field(default=Path("/var/log/emp-agent"), description="Per-service output logs.")
+    model_root: Path = Field(default=Path("/var/lib/emp-agent/models"), description="Where models are placed.")
+    redis_url: SecretStr | None = Field(
+        default=None,
+        description="redis://, rediss:// or unix:// URL; unset starts an embedded server in the state dir.",
+    )
+    heartbeat_interval_s: float = Field(default=10.0, gt=0.05, le=600, description="Seconds between beats.")
+    gpu_probe_timeout_s: float = Field(default=20.0, gt=0, le=600, description="Deadline of one NVML probe.")
+    ca_bundle: Path | None = Field(default=None, description="Extra CA bundle (PEM) for model downloads.")
+    log_level: str = Field(default="info", pattern=r"^(debug|info|warning|error)$")
+    log_format: LogFormat = Field(default=LogFormat.AUTO, description="auto: console on a terminal, else JSON.")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_scheme(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        raw = value.get_secret_value()
+        if urlsplit(raw).scheme not in {"redis", "rediss", "unix"}:
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment (systemd EnvironmentFile, cloud-init) overrides the TOML file passed as init data.
+        return (env_settings, init_settings)
+
+    @property
+    def control_socket(self) -> Path:
+        """Unix socket of the local API."""
+        return self.runtime_dir / "agent.sock"
+
+    @property
+    def redis_url_redacted(self) -> str | None:
+        """The Redis URL with any password replaced, safe for logs and status."""
+        if self.redis_url is None:
+            return None
+        return redact_url(self.redis_url.get_secret_value())
+
+
+def load_settings(config_path: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Build Settings from the TOML file (explicit path, EMP_AGENT_CONFIG, or the default) and the environment.
+
+    Raises ConfigError with one Problem per fault, each naming the file or variable and the field.
+    """
+    env = os.environ if environ is None else environ
+    explicit = config_path is not None or CONFIG_PATH_VARIABLE in env
+    path = config_path or Path(env.get(CONFIG_PATH_VARIABLE, str(DEFAULT_CONFIG_PATH)))
+    problems: list[Problem] = []
+    data: dict[str, Any] = {}
+    if path.exists():
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as exc:
+            problems.append(Problem(str(path), "", f"cannot read: {exc}"))
+        except tomllib.TOMLDecodeError as exc:
+            problems.append(Problem(str(path), "", f"invalid TOML: {exc}"))
+    elif explicit:
+        problems.append(Problem(str(path), "", "config file does not exist"))
+    problems.extend(_unknown_variables(env))
+    try:
+        settings = Settings(**data)
+    except ValidationError as exc:
+        problems.extend(_problems_from(exc, path, env))
+    if problems:
+        raise ConfigError(problems)
+    return settings
+
+
+def _unknown_variables(env: Mapping[str, str]) -> list[Problem]:
+    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields} | {CONFIG_PATH_VARIABLE}
+    return [
+        Problem("environment", name, "unknown setting (typo?)")
+        for name in sorted(env)
+        if name.startswith(ENV_PREFIX) and name not in known
+    ]
+
+
+def _problems_from(exc: ValidationError, path: Path, env: Mapping[str, str]) -> list[Problem]:
+    problems = []
+    for error in exc.errors(include_url=False, include_input=False):
+        field = ".".join(str(part) for part in error["loc"])
+        variable = ENV_PREFIX + str(error["loc"][0]).upper() if error["loc"] else ""
+        message = "unknown setting (typo?)" if error["type"] == "extra_forbidden" else error["msg"]
+        if variable in env:
+            problems.append(Problem("environment", variable, message))
+        else:
+            problems.append(Problem(str(path), field, message))
+    return problems

@@ -1,0 +1,91 @@
+"""Rendering the status document for a human: a header and a supervisorctl/pm2-like table. Stdlib only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+COLOURS = {"RUNNING": "32", "ready": "32", "done": "32", "STARTING": "33", "BACKOFF": "33", "bootstrapping": "33",
+           "degraded": "33", "running": "33", "FATAL": "31", "failed": "31", "EXITED": "31", "STOPPED": "2",
+           "STOPPING": "33", "stopping": "33", "skipped": "2", "pending": "2"}
+
+
+def _paint(text: str, key: str, colour: bool) -> str:
+    code = COLOURS.get(key)
+    return f"\033[{code}m{text}\033[0m" if colour and code else text
+
+
+def format_duration(seconds: float | None) -> str:
+    """Compact uptime: 42s, 7m03s, 5h02m, 3d04h."""
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+    return f"{s // 86400}d{(s % 86400) // 3600:02d}h"
+
+
+def _table(rows: list[list[str]], states: list[str], state_col: int, colour: bool) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = []
+    for n, row in enumerate(rows):
+        cells = [cell.ljust(widths[i]) for i, cell in enumerate(row)]
+        if n > 0:
+            cells[state_col] = _paint(cells[state_col], states[n - 1], colour)
+        lines.append("  ".join(cells).rstrip())
+    return lines
+
+
+def render_status(status: dict[str, Any], colour: bool = False) -> str:
+    """The whole status as text."""
+    phase = status["phase"]
+    reg = status["registry"]
+    lines = [
+        f"machine  {status['machine_id']}   profile {status['profile']}   agent {status['agent_version']}"
+        f"   pid {status['pid']}   up {format_duration(status['uptime_s'])}",
+        f"phase    {_paint(phase, phase, colour)}",
+    ]
+    lines += [f"         - {reason}" for reason in status.get("reasons", [])]
+    hb = reg.get("last_heartbeat") or "never"
+    connected = "connected" if reg["connected"] else f"NOT connected ({reg.get('last_error') or 'not yet'})"
+    lines.append(f"registry {reg['url']}{' (embedded)' if reg['embedded'] else ''}  {connected}  last heartbeat {hb}")
+    gpus = status.get("gpus")
+    if gpus:
+        summary = ", ".join(f"{g['index']}:{g['name']} {g['memory_total_mib']}MiB" for g in gpus["gpus"]) or "none"
+        lines.append(f"gpus     {summary} ({gpus['state']}{': ' + gpus['message'] if gpus['state'] != 'available' else ''})")
+    lines.append("")
+    stage_rows = [["STAGE", "STATE", "TIME", "DETAIL"]]
+    stage_states = []
+    for stage in status["stages"]:
+        took = f"{stage['duration_s']:.2f}s" if stage["duration_s"] is not None else "-"
+        stage_rows.append([stage["name"], stage["state"], took, stage["error"] or stage["detail"] or ""])
+        stage_states.append(stage["state"])
+    lines += _table(stage_rows, stage_states, 1, colour)
+    lines.append("")
+    rows = [["SERVICE", "STATE", "PID", "UPTIME", "RESTARTS", "GPU", "PORT", "LAST ERROR"]]
+    states = []
+    for svc in status["services"]:
+        gpu = str(svc["gpu"]["index"]) if svc.get("gpu") else "-"
+        rows.append([
+            svc["name"], svc["state"], str(svc["pid"] or "-"), format_duration(svc["uptime_s"]),
+            str(svc["restarts"]), gpu, str(svc["port"] or "-"), svc["last_error"] or "",
+        ])
+        states.append(svc["state"])
+    if len(rows) == 1:
+        lines.append("no services")
+    else:
+        lines += _table(rows, states, 1, colour)
+    models = status.get("models") or []
+    if models:
+        lines.append("")
+        model_rows = [["MODEL", "STATE", "SIZE", "DEST"]]
+        model_states = []
+        for m in models:
+            size = f"{m['size']}" if m["size"] is not None else "-"
+            model_rows.append([m["name"], m["state"], size, m["dest"] + (f"  ({m['error']})" if m.get("error") else "")])
+            model_states.append({"verified": "done", "pulled": "done"}.get(m["state"], "failed"))
+        lines += _table(model_rows, model_states, 1, colour)
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""The process table: supervised service instances with states, restart policy and readiness."""

@@ -1,0 +1,194 @@
+"""Expanding a profile's services into concrete instances: one per GPU or slot, each with port, env and argv."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent.host.gpu import GpuInfo
+from agent.host.ports import allocate_port
+from agent.profile import ProbeKind, Profile, RestartSpec, ServiceSpec
+from agent.supervisor.readiness import Probe
+
+#: What every child gets before the profile's own environment; nothing else leaks from the agent.
+BASE_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+
+
+@dataclass(frozen=True)
+class InstanceSpec:
+    """Everything needed to run one instance of a service."""
+
+    name: str
+    service: str
+    slot: int
+    argv: tuple[str, ...]
+    env: Mapping[str, str]
+    cwd: str | None
+    log_path: Path
+    probe: Probe
+    start_timeout_s: float
+    start_seconds: float
+    probe_interval_s: float
+    restart: RestartSpec
+    stop_signal: str
+    stop_timeout_s: float
+    port: int | None = None
+    gpu: GpuInfo | None = None
+    capabilities: tuple[str, ...] = ()
+    depends_on: tuple[str, ...] = ()
+    required: bool = True
+    secret_values: frozenset[str] = field(default_factory=frozenset)
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Host paths that placeholders and the environment refer to."""
+
+    model_root: Path
+    state_dir: Path
+    log_dir: Path
+
+
+def expand(
+    profile: Profile,
+    gpus: list[GpuInfo],
+    paths: Paths,
+    machine_id: str,
+    agent_env: Mapping[str, str],
+    taken_ports: set[int] | None = None,
+) -> list[InstanceSpec]:
+    """All instances of all services in dependency order; ports are allocated free and recorded in `taken_ports`."""
+    taken = taken_ports if taken_ports is not None else set()
+    instances: list[InstanceSpec] = []
+    ports: dict[tuple[str, int], int] = {}
+    for name in dependency_order(profile.services):
+        spec = profile.services[name]
+        slots = _slots(spec, gpus)
+        for slot, gpu in enumerate(slots):
+            instance_name = name if len(slots) == 1 and not spec.per_gpu else f"{name}-{slot}"
+            port = None
+            if spec.port is not None:
+                port = allocate_port(spec.port + slot, taken)
+                taken.add(port)
+                ports[(name, slot)] = port
+            dep_ports = {
+                f"EMP_{dep.upper().replace('-', '_')}_PORT": str(ports.get((dep, slot), ports.get((dep, 0))))
+                for dep in spec.depends_on
+                if (dep, slot) in ports or (dep, 0) in ports
+            }
+            values = {
+                "port": str(port) if port is not None else "",
+                "gpu": str(gpu.index) if gpu else "",
+                "gpu_uuid": gpu.uuid if gpu else "",
+                "slot": str(slot),
+                "instance": instance_name,
+                "service": name,
+                "model_root": str(paths.model_root),
+                "state_dir": str(paths.state_dir),
+                "log_dir": str(paths.log_dir),
+                "python": sys.executable,
+                "machine_id": machine_id,
+            }
+            instances.append(
+                _instance(profile, name, spec, instance_name, slot, gpu, port, values, paths, {**agent_env}, dep_ports)
+            )
+    return instances
+
+
+def dependency_order(services: Mapping[str, ServiceSpec]) -> list[str]:
+    """Service names with every dependency before its dependents, otherwise in declaration order."""
+    ordered: list[str] = []
+
+    def visit(name: str) -> None:
+        if name in ordered:
+            return
+        for dep in services[name].depends_on:
+            visit(dep)
+        ordered.append(name)
+
+    for name in services:
+        visit(name)
+    return ordered
+
+
+def _slots(spec: ServiceSpec, gpus: list[GpuInfo]) -> list[GpuInfo | None]:
+    if not spec.per_gpu:
+        return [None] * spec.instances
+    if not gpus:
+        return [None] * spec.instances  # a CPU-only host gets CPU slots
+    return [gpu for gpu in gpus for _ in range(spec.instances)]
+
+
+def _instance(
+    profile: Profile,
+    name: str,
+    spec: ServiceSpec,
+    instance_name: str,
+    slot: int,
+    gpu: GpuInfo | None,
+    port: int | None,
+    values: dict[str, str],
+    paths: Paths,
+    agent_env: Mapping[str, str],
+    dep_ports: Mapping[str, str],
+) -> InstanceSpec:
+    env = dict(BASE_ENV)
+    env["HOME"] = str(paths.state_dir)
+    env.update({k: v.format_map(values) for k, v in profile.env.items()})
+    env.update({k: v.format_map(values) for k, v in spec.env.items()})
+    inherited = {k: agent_env[k] for k in spec.inherit_env if k in agent_env}
+    env.update(inherited)
+    env.update({
+        "EMP_MACHINE_ID": values["machine_id"],
+        "EMP_SERVICE": name,
+        "EMP_INSTANCE": instance_name,
+        "EMP_SLOT": str(slot),
+        "EMP_MODEL_ROOT": str(paths.model_root),
+        "EMP_CAPABILITIES": ",".join(spec.capabilities),
+    })
+    env.update(dep_ports)
+    if port is not None:
+        env["PORT"] = str(port)
+    if spec.per_gpu:
+        env["CUDA_VISIBLE_DEVICES"] = gpu.uuid if gpu else ""
+        env["EMP_GPU_INDEX"] = str(gpu.index) if gpu else ""
+    readiness = spec.readiness
+    probe = Probe(
+        kind=readiness.kind,
+        url=(readiness.url.format_map(values) if readiness.url else
+             f"http://127.0.0.1:{port}{readiness.path}" if readiness.kind is ProbeKind.HTTP and port else None),
+        port=port,
+        socket=readiness.socket.format_map(values) if readiness.socket else None,
+        command=tuple(arg.format_map(values) for arg in readiness.command or ()),
+        expect_status=tuple(readiness.expect_status),
+    )
+    return InstanceSpec(
+        name=instance_name,
+        service=name,
+        slot=slot,
+        argv=tuple(arg.format_map(values) for arg in spec.command),
+        env=env,
+        cwd=spec.cwd.format_map(values) if spec.cwd else None,
+        log_path=paths.log_dir / f"{instance_name}.log",
+        probe=probe,
+        start_timeout_s=readiness.timeout_s,
+        start_seconds=readiness.start_seconds,
+        probe_interval_s=readiness.interval_s,
+        restart=spec.restart,
+        stop_signal=spec.stop_signal,
+        stop_timeout_s=spec.stop_timeout_s,
+        port=port,
+        gpu=gpu,
+        capabilities=tuple(spec.capabilities),
+        depends_on=tuple(spec.depends_on),
+        required=spec.required,
+        secret_values=frozenset(v for v in inherited.values() if v),
+    )
+
+
+def agent_environment() -> Mapping[str, str]:
+    """The agent's own environment, the only source of `inherit_env` values."""
+    return os.environ

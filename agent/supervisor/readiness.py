@@ -1,0 +1,74 @@
+"""Readiness probes: one attempt of an HTTP, TCP, unix-socket or command check."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import httpx
+
+from agent.profile import ProbeKind
+
+ATTEMPT_TIMEOUT_S = 2.0
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A readiness check with its placeholders already filled for one instance."""
+
+    kind: ProbeKind
+    url: str | None = None
+    host: str = "127.0.0.1"
+    port: int | None = None
+    socket: str | None = None
+    command: tuple[str, ...] = ()
+    expect_status: tuple[int, ...] = (200,)
+
+    def describe(self) -> str:
+        """Short human form for logs and errors."""
+        target = self.url or self.socket or (f"{self.host}:{self.port}" if self.port else " ".join(self.command))
+        return f"{self.kind.value} {target}".strip()
+
+
+async def attempt(probe: Probe, env: Mapping[str, str] | None = None) -> bool:
+    """Run the probe once; True when it passes. Never raises for a failing target."""
+    try:
+        async with asyncio.timeout(ATTEMPT_TIMEOUT_S):
+            return await _attempt(probe, env)
+    except (TimeoutError, OSError, httpx.HTTPError):
+        return False
+
+
+async def _attempt(probe: Probe, env: Mapping[str, str] | None) -> bool:
+    if probe.kind is ProbeKind.HTTP and probe.url:
+        async with httpx.AsyncClient(timeout=ATTEMPT_TIMEOUT_S, trust_env=False) as client:
+            response = await client.get(probe.url)
+            return response.status_code in probe.expect_status
+    if probe.kind is ProbeKind.TCP and probe.port:
+        _, writer = await asyncio.open_connection(probe.host, probe.port)
+        await _close(writer)
+        return True
+    if probe.kind is ProbeKind.UNIX and probe.socket:
+        _, writer = await asyncio.open_unix_connection(probe.socket)
+        await _close(writer)
+        return True
+    if probe.kind is ProbeKind.COMMAND and probe.command:
+        proc = await asyncio.create_subprocess_exec(
+            *probe.command, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL, env=dict(env) if env is not None else None,
+        )
+        try:
+            return await proc.wait() == 0
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    return True
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()

@@ -1,0 +1,291 @@
+"""One supervised service instance: spawn, readiness, exit classification, backoff, stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import signal
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+
+from agent.errors import SpawnError
+from agent.host.launcher import Child, Launcher
+from agent.profile import ProbeKind
+from agent.supervisor import policy
+from agent.supervisor.instances import InstanceSpec
+from agent.supervisor.readiness import attempt
+from agent.supervisor.states import ServiceState, check_transition
+
+log = structlog.get_logger(__name__)
+
+EventSink = Callable[[dict[str, Any]], None]
+#: After SIGKILL, how long we wait for every process of the tree to disappear.
+REAP_DEADLINE_S = 10.0
+
+
+def iso_now(wall: Callable[[], float] = time.time) -> str:
+    """Wall-clock time for display, in UTC ISO 8601."""
+    return datetime.fromtimestamp(wall(), UTC).isoformat(timespec="milliseconds")
+
+
+class ManagedService:
+    """Owns one instance's process and state; all decisions go through `agent.supervisor.policy`."""
+
+    def __init__(
+        self,
+        spec: InstanceSpec,
+        launcher: Launcher,
+        on_event: EventSink,
+        monotonic: Callable[[], float] = time.monotonic,
+        unit_random: Callable[[], float] = random.random,
+    ) -> None:
+        self.spec = spec
+        self._launcher = launcher
+        self._on_event = on_event
+        self._monotonic = monotonic
+        self._random = unit_random
+        self.state = ServiceState.STOPPED
+        self.pid: int | None = None
+        self.restarts = 0
+        self.failures = 0
+        self.last_error: str | None = None
+        self.last_exit_code: int | None = None
+        self._starts = 0
+        self._spawned_at: float | None = None
+        self._ready_since: float | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+        self._changed = asyncio.Event()
+
+    # ---- operator surface -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start supervising (no-op while already supervised)."""
+        if self._task is not None and not self._task.done():
+            return
+        self._stop = asyncio.Event()
+        self.failures = 0
+        self._task = asyncio.create_task(self._run(), name=f"service:{self.spec.name}")
+
+    async def stop(self) -> None:
+        """Stop and wait until every process of the instance has been reaped. Wins over any restart."""
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+            self._task = None
+
+    def force_kill(self) -> None:
+        """SIGKILL the tree now, without waiting (used when the operator insists)."""
+        self._stop.set()
+        if self._child is not None:
+            self._child.kill_tree()
+
+    async def wait_ready(self, timeout_s: float) -> bool:
+        """True once RUNNING; False when it ends up EXITED/FATAL/STOPPED or the timeout passes."""
+        deadline = self._monotonic() + timeout_s
+        while True:
+            if self.state is ServiceState.RUNNING:
+                return True
+            if self.state in (ServiceState.EXITED, ServiceState.FATAL) or (
+                self.state is ServiceState.STOPPED and (self._task is None or self._task.done())
+            ):
+                return False
+            remaining = deadline - self._monotonic()
+            if remaining <= 0:
+                return False
+            changed = self._changed
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), remaining)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The instance as status shows it."""
+        now = self._monotonic()
+        uptime = now - self._spawned_at if self._spawned_at is not None and self.pid is not None else None
+        gpu = self.spec.gpu
+        return {
+            "name": self.spec.name,
+            "service": self.spec.service,
+            "state": self.state.value,
+            "pid": self.pid,
+            "restarts": self.restarts,
+            "uptime_s": round(uptime, 3) if uptime is not None else None,
+            "port": self.spec.port,
+            "gpu": {"index": gpu.index, "uuid": gpu.uuid} if gpu else None,
+            "slot": self.spec.slot,
+            "last_error": self.last_error,
+            "last_exit_code": self.last_exit_code,
+            "capabilities": list(self.spec.capabilities),
+            "required": self.spec.required,
+            "log": str(self.spec.log_path),
+        }
+
+    # ---- internals --------------------------------------------------------------------------------------
+
+    _child: Child | None = None
+
+    def _set(self, new: ServiceState, reason: str | None = None) -> None:
+        check_transition(self.state, new)
+        old, self.state = self.state, new
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+        event = {"type": "service", "instance": self.spec.name, "service": self.spec.service,
+                 "from": old.value, "to": new.value, "at": iso_now()}
+        if reason:
+            event["reason"] = reason
+        level = "warning" if new in (ServiceState.BACKOFF, ServiceState.FATAL) else "info"
+        getattr(log, level)("service state", instance=self.spec.name, old=old.value, new=new.value, reason=reason)
+        self._on_event(event)
+
+    async def _run(self) -> None:
+        try:
+            await self._supervise()
+        except Exception as exc:  # a bug in the agent must not leave an unsupervised child behind
+            log.exception("supervision failed", instance=self.spec.name)
+            self.last_error = f"agent error: {exc}"
+            if self._child is not None:
+                self._child.kill_tree()
+            self.pid = None
+            self.state = ServiceState.FATAL
+
+    async def _supervise(self) -> None:
+        while not self._stop.is_set():
+            facts = await self._one_run()
+            if facts is None:
+                return
+            self.failures = policy.failures_after(self.spec.restart, facts, self.failures)
+            verdict = policy.verdict(self.spec.restart, facts, self.failures)
+            reason = self.last_error or f"exited with {facts.returncode}"
+            if verdict is policy.Verdict.LEAVE:
+                self._set(ServiceState.EXITED, reason)
+                return
+            if verdict is policy.Verdict.GIVE_UP:
+                retry = self.spec.restart.fatal_retry_s
+                self._set(ServiceState.FATAL, f"{reason}; crash loop ({self.failures} failures in a row)"
+                          + (f", retrying in {retry:g}s" if retry else ""))
+                if retry is None or await self._sleep_unless_stopped(retry):
+                    if self._stop.is_set():
+                        self._set(ServiceState.STOPPED, "stop requested")
+                    return
+                self.failures = 0
+                continue
+            delay = policy.backoff_delay(self.spec.restart, self.failures, self._random())
+            self._set(ServiceState.BACKOFF, f"{reason}; restarting in {delay:.1f}s")
+            if await self._sleep_unless_stopped(delay):
+                self._set(ServiceState.STOPPED, "stop requested")
+                return
+
+    async def _sleep_unless_stopped(self, seconds: float) -> bool:
+        """Sleep; True when a stop was requested meanwhile."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)
+        return self._stop.is_set()
+
+    async def _one_run(self) -> policy.ExitFacts | None:
+        """Spawn, wait for readiness and then for the exit. None when stopped on request."""
+        self._set(ServiceState.STARTING)
+        self._starts += 1
+        if self._starts > 1:
+            self.restarts += 1
+        self._ready_since = None
+        self._write_header()
+        try:
+            child = await self._launcher.spawn(self.spec.argv, self.spec.env, self.spec.cwd, self.spec.log_path)
+        except SpawnError as exc:
+            self.last_error = str(exc)
+            return policy.ExitFacts(None, False, None, self._monotonic())
+        self._child, self.pid, self._spawned_at = child, child.pid, self._monotonic()
+        exit_task = asyncio.create_task(child.wait())
+        stop_task = asyncio.create_task(self._stop.wait())
+        try:
+            outcome = await self._await_ready(exit_task, stop_task)
+            if outcome == "ready":
+                self._ready_since = self._monotonic()
+                self.last_error = None
+                self._set(ServiceState.RUNNING, f"ready ({self.spec.probe.describe()})")
+                await asyncio.wait({exit_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+                outcome = "exited" if exit_task.done() else "stop"
+            if outcome == "stop":
+                self._set(ServiceState.STOPPING, "stop requested")
+                await self._terminate(child, exit_task)
+                self._set(ServiceState.STOPPED, "stopped")
+                return None
+            if outcome == "timeout":
+                self.last_error = (f"not ready within {self.spec.start_timeout_s:g}s "
+                                   f"({self.spec.probe.describe()})")
+                await self._terminate(child, exit_task)
+                return policy.ExitFacts(None, False, None, self._monotonic())
+            returncode = exit_task.result()
+            ended = self._monotonic()
+            await self._reap_leftovers(child)
+            self.last_exit_code = returncode
+            was_ready = self._ready_since is not None
+            self.last_error = _describe_exit(returncode, was_ready)
+            return policy.ExitFacts(returncode, was_ready, self._ready_since, ended)
+        finally:
+            stop_task.cancel()
+            self.pid = None
+            self._child = None
+
+    async def _await_ready(self, exit_task: asyncio.Task[int], stop_task: asyncio.Task[Any]) -> str:
+        deadline = self._monotonic() + self.spec.start_timeout_s
+        probe = self.spec.probe
+        if probe.kind is ProbeKind.NONE:
+            deadline = self._monotonic() + self.spec.start_seconds
+        while True:
+            if stop_task.done():
+                return "stop"
+            if exit_task.done():
+                return "exited"
+            if probe.kind is not ProbeKind.NONE and await attempt(probe, self.spec.env):
+                if not exit_task.done():
+                    return "ready"
+                continue
+            remaining = deadline - self._monotonic()
+            if remaining <= 0:
+                return "ready" if probe.kind is ProbeKind.NONE else "timeout"
+            await asyncio.wait({exit_task, stop_task}, timeout=min(self.spec.probe_interval_s, remaining),
+                               return_when=asyncio.FIRST_COMPLETED)
+
+    async def _terminate(self, child: Child, exit_task: asyncio.Task[int]) -> None:
+        """Stop signal to the group, SIGKILL to the tree after the stop timeout, then wait for all to go."""
+        child.signal_group(signal.Signals[self.spec.stop_signal])
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(exit_task), self.spec.stop_timeout_s)
+        if not exit_task.done():
+            log.warning("stop timeout passed, killing", instance=self.spec.name, timeout_s=self.spec.stop_timeout_s)
+            child.kill_tree()
+            await exit_task
+        self.last_exit_code = exit_task.result()
+        await self._reap_leftovers(child)
+
+    async def _reap_leftovers(self, child: Child) -> None:
+        """After the main process ended, no descendant may linger holding ports or GPU memory."""
+        deadline = self._monotonic() + REAP_DEADLINE_S
+        while child.group_alive():
+            child.kill_tree()
+            if self._monotonic() > deadline:
+                log.error("processes of the instance survive SIGKILL", instance=self.spec.name)
+                return
+            await asyncio.sleep(0.05)
+
+    def _write_header(self) -> None:
+        with contextlib.suppress(OSError):
+            self.spec.log_path.parent.mkdir(parents=True, exist_ok=True)
+            with self.spec.log_path.open("a", encoding="utf-8") as handle:
+                handle.write(f"=== emp-agent: start #{self._starts} of {self.spec.name} at {iso_now()}\n")
+
+
+def _describe_exit(returncode: int, was_ready: bool) -> str:
+    when = "" if was_ready else " before it was ready"
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"killed by {name}{when}"
+    return f"exited with code {returncode}{when}"
