@@ -196,7 +196,7 @@ def _check_acyclic(services: dict[str, ServiceSpec]) -> None:
 def resolve_profile_path(ref: str, profiles_dir: Path) -> Path:
     """A profile reference is a path (contains '/' or ends in .toml) or a name in profiles_dir."""
     if "/" in ref or ref.endswith(".toml"):
-        return Path(ref).expanduser().absolute()
+        return Path(ref).expanduser().resolve()
     return profiles_dir / f"{ref}.toml"
 
 
@@ -214,11 +214,11 @@ def load_profile(ref: str, profiles_dir: Path) -> Profile:
     merged.pop("extends", None)
     merged["name"] = path.stem
     merged["source"] = str(path)
+    problems.extend(_missing_files(merged, origin, str(path)))
     try:
         profile = Profile.model_validate(merged)
     except ValidationError as exc:
-        raise ConfigError(_problems_from(exc, origin, str(path))) from None
-    problems.extend(_missing_files(profile, origin, str(path)))
+        raise ConfigError(problems + _problems_from(exc, origin, str(path))) from None
     problems.extend(_placeholder_problems(profile, origin, str(path)))
     if problems:
         raise ConfigError(problems)
@@ -247,9 +247,7 @@ def _load_chain(path: Path, problems: list[Problem]) -> list[tuple[Path, dict[st
             problems.append(Problem(str(current), "extends", "must be a profile name or path"))
             break
         referrer = (str(current), "extends")
-        current = resolve_profile_path(parent, current.parent) if "/" in parent else current.parent / (
-            parent if parent.endswith(".toml") else f"{parent}.toml"
-        )
+        current = (current.parent / (parent if parent.endswith(".toml") else f"{parent}.toml")).resolve()
     chain.reverse()
     return chain
 
@@ -335,10 +333,15 @@ def _problems_from(exc: ValidationError, origin: dict[tuple[str, ...], str], def
     return problems
 
 
-def _missing_files(profile: Profile, origin: dict[tuple[str, ...], str], default: str) -> list[Problem]:
+def _missing_files(merged: dict[str, Any], origin: dict[tuple[str, ...], str], default: str) -> list[Problem]:
+    """`file:` model sources that do not exist (checked before validation so they are reported together)."""
     problems = []
-    for name, model in profile.models.items():
-        parts = urlsplit(model.url)
+    models = merged.get("models")
+    for name, model in (models.items() if isinstance(models, dict) else []):
+        url = model.get("url") if isinstance(model, dict) else None
+        if not isinstance(url, str):
+            continue
+        parts = urlsplit(url)
         if parts.scheme == "file" and not Path(unquote(parts.path)).is_file():
             loc = ("models", name, "url")
             problems.append(Problem(_source_of(loc, origin, default), ".".join(loc), f"file not found: {parts.path}"))

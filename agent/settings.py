@@ -92,12 +92,12 @@ class Settings(BaseSettings):
         return redact_url(self.redis_url.get_secret_value())
 
 
-def load_settings(config_path: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+def load_settings(config_path: Path | None = None) -> Settings:
     """Build Settings from the TOML file (explicit path, EMP_AGENT_CONFIG, or the default) and the environment.
 
     Raises ConfigError with one Problem per fault, each naming the file or variable and the field.
     """
-    env = os.environ if environ is None else environ
+    env = os.environ
     explicit = config_path is not None or CONFIG_PATH_VARIABLE in env
     path = config_path or Path(env.get(CONFIG_PATH_VARIABLE, str(DEFAULT_CONFIG_PATH)))
     problems: list[Problem] = []

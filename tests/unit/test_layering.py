@@ -1,0 +1,71 @@
+"""Import rules: lower layers never import higher ones, and `status` imports nothing heavy."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import REPO
+
+AGENT = REPO / "agent"
+#: module prefix -> prefixes it must never import
+FORBIDDEN = {
+    "agent.errors": ["agent."],
+    "agent.settings": ["agent.profile", "agent.host", "agent.supervisor", "agent.bootstrap", "agent.registry",
+                       "agent.api", "agent.daemon", "agent.cli"],
+    "agent.profile": ["agent.host", "agent.supervisor", "agent.bootstrap", "agent.registry", "agent.api",
+                      "agent.daemon", "agent.cli"],
+    "agent.host": ["agent.supervisor", "agent.bootstrap", "agent.registry", "agent.api", "agent.daemon", "agent.cli"],
+    "agent.supervisor": ["agent.bootstrap", "agent.registry", "agent.api", "agent.daemon", "agent.cli"],
+    "agent.bootstrap": ["agent.api", "agent.daemon", "agent.cli"],
+    "agent.registry": ["agent.bootstrap", "agent.api", "agent.daemon", "agent.cli"],
+    "agent.api": ["agent.daemon", "agent.cli", "agent.bootstrap"],
+    "agent.daemon": ["agent.cli"],
+}
+
+
+def module_name(path: Path) -> str:
+    return ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+
+
+def imports_of(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_lower_layers_do_not_import_higher_ones() -> None:
+    """settings -> profile -> host -> supervisor -> bootstrap/registry -> api -> daemon -> cli, never backwards."""
+    violations = []
+    for path in AGENT.rglob("*.py"):
+        name = module_name(path)
+        for prefix, banned in FORBIDDEN.items():
+            if name == prefix or name.startswith(prefix + "."):
+                violations += [f"{name} imports {imp}" for imp in imports_of(path) if any(
+                    imp == b.rstrip(".") or imp.startswith(b) for b in banned)]
+
+    assert [] == violations
+
+
+def test_every_module_has_a_one_line_docstring() -> None:
+    """Each module says what it owns."""
+    missing = [module_name(p) for p in AGENT.rglob("*.py") if not ast.get_docstring(ast.parse(p.read_text()))]
+
+    assert [] == missing
+
+
+def test_status_path_imports_nothing_heavy() -> None:
+    """`emp-agent status` loads neither pydantic, redis, pynvml, aiohttp nor httpx."""
+    code = ("import sys, agent.cli, agent.api.client, agent.statusview; "
+            "print(sorted(m for m in ('pydantic', 'pydantic_settings', 'redis', 'pynvml', 'aiohttp', 'httpx', "
+            "'psutil', 'structlog') if m in sys.modules))")
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+
+    assert "[]" == out.stdout.strip()

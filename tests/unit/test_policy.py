@@ -1,0 +1,71 @@
+"""Restart policy: pure decisions from the exit, the history and the time passed in."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent.profile import RestartPolicy, RestartSpec
+from agent.supervisor.policy import ExitFacts, Verdict, backoff_delay, failures_after, verdict
+from agent.supervisor.states import IllegalTransition, ServiceState, check_transition
+
+SPEC = RestartSpec(backoff_initial_s=1, backoff_max_s=30, backoff_factor=2, jitter=0.2, crash_loop_limit=3,
+                   healthy_reset_s=30)
+
+
+def test_backoff_doubles_and_is_capped() -> None:
+    """Without jitter the delays are 1, 2, 4, 8, 16, 30, 30 seconds."""
+    spec = SPEC.model_copy(update={"jitter": 0.0})
+
+    assert [1, 2, 4, 8, 16, 30, 30] == [backoff_delay(spec, n, 0.5) for n in range(1, 8)]
+
+
+def test_jitter_stays_within_its_band_and_under_the_cap() -> None:
+    """Jitter moves the delay by at most +-20% and never past backoff_max_s."""
+    assert (3.2, 4.8) == (backoff_delay(SPEC, 3, 0.0), backoff_delay(SPEC, 3, 1.0))
+    assert 30 == backoff_delay(SPEC, 10, 1.0)
+
+
+def test_failed_start_counts_and_crash_loop_gives_up() -> None:
+    """A process that dies before readiness is a failure; the third in a row is FATAL."""
+    failures = 0
+    verdicts = []
+    for now in (10.0, 20.0, 30.0):
+        facts = ExitFacts(returncode=1, was_ready=False, ready_since=None, ended_at=now)
+        failures = failures_after(SPEC, facts, failures)
+        verdicts.append(verdict(SPEC, facts, failures))
+
+    assert [Verdict.RESTART, Verdict.RESTART, Verdict.GIVE_UP] == verdicts
+
+
+def test_healthy_period_resets_the_failure_count() -> None:
+    """After being ready for healthy_reset_s, a crash counts as the first failure again."""
+    facts = ExitFacts(returncode=-9, was_ready=True, ready_since=100.0, ended_at=131.0)
+
+    assert 1 == failures_after(SPEC, facts, failures=2)
+    assert 3 == failures_after(SPEC, ExitFacts(-9, True, 100.0, 129.0), failures=2)
+
+
+@pytest.mark.parametrize(
+    ("policy", "code", "expected"),
+    [
+        (RestartPolicy.ALWAYS, 0, Verdict.RESTART),
+        (RestartPolicy.ON_FAILURE, 0, Verdict.LEAVE),
+        (RestartPolicy.ON_FAILURE, 3, Verdict.RESTART),
+        (RestartPolicy.ON_FAILURE, -15, Verdict.RESTART),
+        (RestartPolicy.NEVER, 3, Verdict.LEAVE),
+    ],
+)
+def test_policies(policy: RestartPolicy, code: int, expected: Verdict) -> None:
+    """always restarts any exit; on-failure only unexpected codes and signals; never leaves it."""
+    spec = SPEC.model_copy(update={"policy": policy})
+    facts = ExitFacts(code, True, 0.0, 100.0)
+
+    assert expected == verdict(spec, facts, failures_after(spec, facts, 0))
+
+
+def test_only_legal_transitions_are_allowed() -> None:
+    """STOPPED cannot jump to RUNNING; STARTING can become RUNNING."""
+    check_transition(ServiceState.STARTING, ServiceState.RUNNING)
+
+    with pytest.raises(IllegalTransition):
+        check_transition(ServiceState.STOPPED, ServiceState.RUNNING)

@@ -1,0 +1,125 @@
+"""Profiles: extends, validation errors naming file and field, and every shipped profile validating."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent.errors import ConfigError
+from agent.profile import ProbeKind, load_profile
+from tests.conftest import REPO
+
+PROFILES = REPO / "profiles"
+
+
+def write(directory: Path, name: str, text: str) -> Path:
+    path = directory / name
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in PROFILES.glob("*.toml")))
+def test_shipped_profiles_validate(name: str) -> None:
+    """Every profile in profiles/ loads without a problem."""
+    profile = load_profile(name, PROFILES)
+
+    assert name == profile.name
+
+
+def test_extends_merges_tables_and_replaces_lists(tmp_path: Path) -> None:
+    """A child profile adds services, overrides single keys of inherited tables, and replaces lists."""
+    write(tmp_path, "base.toml", '[env]\nA = "1"\nB = "2"\n[services.web]\ncommand = ["a", "b"]\nport = 80\n')
+    write(tmp_path, "child.toml", 'extends = "base"\n[env]\nB = "3"\n[services.web]\ncommand = ["c"]\n'
+                                  '[services.worker]\ncommand = ["w"]\n')
+
+    profile = load_profile("child", tmp_path)
+
+    assert {"A": "1", "B": "3"} == profile.env
+    assert ["c"] == profile.services["web"].command
+    assert 80 == profile.services["web"].port
+    assert ["web", "worker"] == list(profile.services)
+
+
+def test_typo_wrong_type_and_missing_file_each_get_one_line(tmp_path: Path) -> None:
+    """The three classic mistakes are reported together, each with its file and field."""
+    base = write(tmp_path, "base.toml", '[services.web]\ncommand = ["x"]\nport = "eighty"\n')
+    child = write(tmp_path, "child.toml", 'extends = "base"\n[services.web]\ncomand = ["y"]\n'
+                                          '[models.m]\nurl = "file:missing.bin"\ndest = "m.bin"\n'
+                                          f'sha256 = "{"0" * 64}"\n')
+
+    with pytest.raises(ConfigError) as caught:
+        load_profile(str(child), tmp_path)
+
+    assert [
+        f"{base}: services.web.port: Input should be a valid integer, unable to parse string as an integer",
+        f"{child}: models.m.url: file not found: {tmp_path}/missing.bin",
+        f"{child}: services.web.comand: unknown field (typo?)",
+    ] == sorted(str(p) for p in caught.value.problems)
+
+
+def test_missing_parent_is_reported_on_the_extends_line(tmp_path: Path) -> None:
+    """An `extends` naming a file that does not exist points at the extending file."""
+    child = write(tmp_path, "child.toml", 'extends = "nothere"\n')
+
+    with pytest.raises(ConfigError) as caught:
+        load_profile("child", tmp_path)
+
+    assert [f"{child}: extends: profile file not found: {tmp_path}/nothere.toml"] == [str(p) for p in caught.value.problems]
+
+
+def test_extends_cycle_is_an_error(tmp_path: Path) -> None:
+    """a extends b extends a is refused instead of looping."""
+    write(tmp_path, "a.toml", 'extends = "b"\n')
+    write(tmp_path, "b.toml", 'extends = "a"\n')
+
+    with pytest.raises(ConfigError, match="cycle"):
+        load_profile("a", tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("service", "message"),
+    [
+        ('command = ["run", "{prot}"]\nport = 1', "unknown placeholder {prot}"),
+        ('command = ["run", "{port}"]', "{port} is used but the service has no 'port'"),
+        ('command = ["x"]\ndepends_on = ["ghost"]', "no service named 'ghost'"),
+        ('command = ["x"]\nstop_signal = "SIGNOPE"', "unknown signal"),
+        ('command = []', "at least 1 item"),
+    ],
+)
+def test_service_mistakes_are_caught(tmp_path: Path, service: str, message: str) -> None:
+    """Mistakes that would only show at spawn time are caught by validation."""
+    write(tmp_path, "p.toml", f"[services.svc]\n{service}\n")
+
+    with pytest.raises(ConfigError, match="services.svc") as caught:
+        load_profile("p", tmp_path)
+
+    assert message in str(caught.value)
+
+
+@pytest.mark.parametrize("dest", ["/etc/passwd", "../escape.bin", "a/../../b"])
+def test_model_destination_stays_inside_the_model_root(tmp_path: Path, dest: str) -> None:
+    """Absolute destinations and '..' are refused."""
+    write(tmp_path, "p.toml", f'[models.m]\nurl = "https://example.invalid/m"\ndest = "{dest}"\nsha256 = "{"a" * 64}"\n')
+
+    with pytest.raises(ConfigError, match="models.m.dest: must be a relative path"):
+        load_profile("p", tmp_path)
+
+
+def test_relative_file_sources_resolve_against_their_own_file(tmp_path: Path) -> None:
+    """`file:` paths are relative to the profile that names them, not to the current directory."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "w.bin").write_bytes(b"x")
+    write(tmp_path / "sub", "base.toml", f'[models.w]\nurl = "file:w.bin"\ndest = "w.bin"\nsha256 = "{"a" * 64}"\n')
+    write(tmp_path, "top.toml", 'extends = "sub/base.toml"\n')
+
+    profile = load_profile(str(tmp_path / "top.toml"), tmp_path)
+
+    assert (tmp_path / "sub" / "w.bin").as_uri() == profile.models["w"].url
+
+
+def test_demo_profile_uses_real_probes() -> None:
+    """The demo's services are only RUNNING once they answer HTTP."""
+    profile = load_profile("demo", PROFILES)
+
+    assert {ProbeKind.HTTP} == {s.readiness.kind for s in profile.services.values()}

@@ -1,0 +1,75 @@
+"""Settings: environment over file, precise errors, secrets never shown."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent.api.client import DEFAULT_RUNTIME_DIR, locate_socket
+from agent.errors import ConfigError
+from agent.settings import Settings, load_settings
+
+
+def test_environment_overrides_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A variable in the environment wins over the same key in the TOML file."""
+    config = tmp_path / "agent.toml"
+    config.write_text('heartbeat_interval_s = 5\nprofile = "gpu"\n')
+    monkeypatch.setenv("EMP_AGENT_HEARTBEAT_INTERVAL_S", "2.5")
+
+    settings = load_settings(config)
+
+    assert (2.5, "gpu") == (settings.heartbeat_interval_s, settings.profile)
+
+
+def test_each_problem_names_its_source_and_field(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A typo in the file, a bad type in the environment and an unknown variable give one line each."""
+    config = tmp_path / "agent.toml"
+    config.write_text('heartbeat_intervl_s = 5\n')
+    monkeypatch.setenv("EMP_AGENT_HEARTBEAT_INTERVAL_S", "often")
+    monkeypatch.setenv("EMP_AGENT_PROFLE", "gpu")
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config)
+
+    lines = sorted(str(p) for p in caught.value.problems)
+    assert [
+        f"{config}: heartbeat_intervl_s: unknown setting (typo?)",
+        "environment: EMP_AGENT_HEARTBEAT_INTERVAL_S: Input should be a valid number, unable to parse string as a number",
+        "environment: EMP_AGENT_PROFLE: unknown setting (typo?)",
+    ] == lines
+
+
+def test_explicit_missing_config_file_is_an_error(tmp_path: Path) -> None:
+    """--config naming a file that does not exist is reported, not silently ignored."""
+    with pytest.raises(ConfigError, match="config file does not exist"):
+        load_settings(tmp_path / "nope.toml")
+
+
+def test_redis_password_is_never_shown(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Redis URL's password appears neither in repr, str, nor the redacted form."""
+    monkeypatch.setenv("EMP_AGENT_REDIS_URL", "redis://user:hunter22@db:6379/0")
+    settings = load_settings(None)
+
+    shown = repr(settings) + str(settings) + str(settings.redis_url_redacted)
+
+    assert "hunter22" not in shown
+    assert "redis://user:***@db:6379/0" == settings.redis_url_redacted
+
+
+def test_redis_url_scheme_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only redis, rediss and unix URLs are accepted."""
+    monkeypatch.setenv("EMP_AGENT_REDIS_URL", "http://db:6379")
+    with pytest.raises(ConfigError, match="must start with redis://"):
+        load_settings(None)
+
+
+def test_status_client_finds_the_socket_like_settings_does(tmp_path: Path) -> None:
+    """The light client and Settings agree on the socket without the client importing pydantic."""
+    config = tmp_path / "agent.toml"
+    config.write_text(f'runtime_dir = "{tmp_path}"\n')
+
+    assert Path(DEFAULT_RUNTIME_DIR) == Settings.model_fields["runtime_dir"].default
+    assert Path(DEFAULT_RUNTIME_DIR) / "agent.sock" == locate_socket({}, "/nonexistent.toml")
+    assert tmp_path / "agent.sock" == locate_socket({}, str(config))
+    assert Path("/x/agent.sock") == locate_socket({"EMP_AGENT_RUNTIME_DIR": "/x"}, str(config))
