@@ -1,0 +1,177 @@
+"""The process table with real child processes, real signals and real readiness probes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from agent.host.launcher import ProcessLauncher
+from agent.profile import ProbeKind, Profile, ReadinessSpec, RestartPolicy, RestartSpec, ServiceSpec
+from agent.supervisor.instances import Paths, expand
+from agent.supervisor.states import ServiceState
+from agent.supervisor.table import ProcessTable
+from tests.helpers import await_until
+
+PROGRAMS = Path(__file__).resolve().parent.parent / "programs"
+FAST = RestartSpec(backoff_initial_s=0.05, backoff_max_s=0.2, jitter=0.0)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def table_with(tmp: Path, **services: ServiceSpec) -> ProcessTable:
+    table = ProcessTable(ProcessLauncher())
+    for spec in expand(Profile(name="t", source="t", services=services), [], Paths(tmp, tmp, tmp / "logs"), "m", {}):
+        table.add(spec)
+    return table
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def transitions(table: ProcessTable, name: str) -> list[tuple[str, str]]:
+    return [(e["from"], e["to"]) for e in table.events if e.get("instance") == name]
+
+
+def test_service_is_running_only_when_ready_and_is_restarted_after_sigkill(tmp_path: Path) -> None:
+    """RUNNING comes after the HTTP probe passes; a SIGKILLed child is restarted with a new pid."""
+    pidfile = tmp_path / "pid"
+    spec = ServiceSpec(command=["{python}", str(PROGRAMS / "http_service.py"), "{port}", str(pidfile)],
+                       port=free_port(), readiness=ReadinessSpec(kind=ProbeKind.HTTP, interval_s=0.05),
+                       restart=FAST)
+    table = table_with(tmp_path, web=spec)
+
+    async def scenario() -> dict[str, Any]:
+        await table.start_all()
+        service = table.get("web")
+        assert await service.wait_ready(30)
+        first = int(pidfile.read_text())
+        os.kill(first, signal.SIGKILL)
+        await await_until(lambda: service.restarts == 1 and service.state is ServiceState.RUNNING, 30,
+                          what="restart after SIGKILL")
+        second = int(pidfile.read_text())
+        snap = service.snapshot()
+        await table.stop_all()
+        return {"first": first, "second": second, "snap": snap, "state": service.state}
+
+    result = asyncio.run(scenario())
+
+    assert result["first"] != result["second"]
+    assert "killed by SIGKILL; restarting in 0.1s" == next(
+        e["reason"] for e in table.events if e["to"] == "BACKOFF")
+    assert ServiceState.STOPPED == result["state"]
+    assert [("STOPPED", "STARTING"), ("STARTING", "RUNNING"), ("RUNNING", "BACKOFF"), ("BACKOFF", "STARTING"),
+            ("STARTING", "RUNNING"), ("RUNNING", "STOPPING"), ("STOPPING", "STOPPED")] == transitions(table, "web")
+    assert gone(result["second"])
+
+
+def test_exit_before_ready_is_a_failed_start_and_crash_loop_ends_fatal(tmp_path: Path) -> None:
+    """A child that exits before its probe passes is never RUNNING; the crash-loop limit makes it FATAL."""
+    starts = tmp_path / "starts"
+    spec = ServiceSpec(command=["{python}", str(PROGRAMS / "flaky.py"), str(starts), "0"], port=free_port(),
+                       readiness=ReadinessSpec(kind=ProbeKind.HTTP, interval_s=0.05),
+                       restart=FAST.model_copy(update={"crash_loop_limit": 3, "fatal_retry_s": None}))
+    table = table_with(tmp_path, web=spec)
+
+    async def scenario() -> ServiceState:
+        await table.start_all()
+        service = table.get("web")
+        await await_until(lambda: service.state is ServiceState.FATAL, 30, what="FATAL")
+        return service.state
+
+    assert ServiceState.FATAL == asyncio.run(scenario())
+    assert 3 == starts.read_text().count("start")
+    assert ("STARTING", "RUNNING") not in transitions(table, "web")
+    assert "crash loop (3 failures in a row)" in table.events[-1]["reason"]
+    assert "exited with code 0 before it was ready" in table.events[-1]["reason"]
+
+
+def test_missing_command_is_a_spawn_error_with_its_reason(tmp_path: Path) -> None:
+    """A binary that does not exist is reported as such, and the instance backs off instead of crashing us."""
+    spec = ServiceSpec(command=["/nonexistent/bin/comfyui"], restart=FAST.model_copy(update={"crash_loop_limit": 2}))
+    table = table_with(tmp_path, web=spec)
+
+    async def scenario() -> dict[str, Any]:
+        await table.start_all()
+        service = table.get("web")
+        await await_until(lambda: service.state is ServiceState.FATAL, 30, what="FATAL")
+        snap = service.snapshot()
+        await table.stop_all()
+        return snap
+
+    snap = asyncio.run(scenario())
+
+    assert "can't find command '/nonexistent/bin/comfyui'" == snap["last_error"]
+    assert snap["pid"] is None
+
+
+def test_stop_kills_a_tree_that_ignores_sigterm_and_escaped_its_group(tmp_path: Path) -> None:
+    """SIGTERM is ignored, the grandchild called setsid: after the stop timeout both are SIGKILLed and gone."""
+    pidfile = tmp_path / "pids"
+    spec = ServiceSpec(command=["{python}", str(PROGRAMS / "stubborn.py"), str(pidfile)], stop_timeout_s=0.5,
+                       readiness=ReadinessSpec(kind=ProbeKind.COMMAND, command=["test", "-s", str(pidfile)],
+                                               interval_s=0.05))
+    table = table_with(tmp_path, stubborn=spec)
+
+    async def scenario() -> tuple[list[int], ServiceState]:
+        await table.start_all()
+        assert await table.get("stubborn").wait_ready(30)
+        pids = [int(p) for p in pidfile.read_text().split()]
+        await table.stop_all()
+        return pids, table.get("stubborn").state
+
+    pids, state = asyncio.run(scenario())
+
+    assert ServiceState.STOPPED == state
+    assert [True, True] == [gone(pid) for pid in pids]
+
+
+def test_stop_wins_over_a_pending_restart(tmp_path: Path) -> None:
+    """A service waiting out a long backoff stops at once when asked, and is not restarted."""
+    starts = tmp_path / "starts"
+    spec = ServiceSpec(command=["{python}", str(PROGRAMS / "flaky.py"), str(starts), "3"],
+                       readiness=ReadinessSpec(start_seconds=0),
+                       restart=RestartSpec(backoff_initial_s=600, jitter=0))
+    table = table_with(tmp_path, web=spec)
+
+    async def scenario() -> ServiceState:
+        await table.start_all()
+        service = table.get("web")
+        await await_until(lambda: service.state is ServiceState.BACKOFF, 30, what="BACKOFF")
+        await asyncio.wait_for(table.stop_all(), 10)
+        return service.state
+
+    assert ServiceState.STOPPED == asyncio.run(scenario())
+    assert 1 == starts.read_text().count("start")
+
+
+def test_on_failure_policy_leaves_a_clean_exit_alone(tmp_path: Path) -> None:
+    """With on-failure, exit code 0 after start is final: EXITED, no restart."""
+    starts = tmp_path / "starts"
+    spec = ServiceSpec(command=[sys.executable, str(PROGRAMS / "flaky.py"), str(starts), "0"],
+                       readiness=ReadinessSpec(start_seconds=0),
+                       restart=RestartSpec(policy=RestartPolicy.ON_FAILURE))
+    table = table_with(tmp_path, job=spec)
+
+    async def scenario() -> ServiceState:
+        await table.start_all()
+        service = table.get("job")
+        await await_until(lambda: service.state is ServiceState.EXITED, 30, what="EXITED")
+        return service.state
+
+    assert ServiceState.EXITED == asyncio.run(scenario())
+    assert 1 == starts.read_text().count("start")
