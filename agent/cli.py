@@ -26,8 +26,9 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
 
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", type=Path, help="agent TOML file (default: $EMP_AGENT_CONFIG or "
-                                                     "/etc/emp-agent/agent.toml)")
+    common.add_argument(
+        "--config", type=Path, help="agent TOML file (default: $EMP_AGENT_CONFIG or /etc/emp-agent/agent.toml)"
+    )
     parser = argparse.ArgumentParser(
         prog="emp-agent",
         description="Host agent for GPU fleets: bootstrap the host, supervise its services, register in Redis.",
@@ -116,12 +117,14 @@ def _load(args: argparse.Namespace, need_profile: bool) -> tuple[Settings, Profi
 
 
 def _check(args: argparse.Namespace) -> int:
-    settings, profile = _load(args, need_profile=False)
+    _settings, profile = _load(args, need_profile=False)
     if profile is None:
         print("ok: settings valid (no profile given)")
         return EXIT_OK
-    print(f"ok: settings valid; profile {profile.name} ({profile.source}): {len(profile.services)} service(s), "
-          f"{len(profile.models)} model(s), {len(profile.prepare)} prepare step(s)")
+    print(
+        f"ok: settings valid; profile {profile.name} ({profile.source}): {len(profile.services)} service(s), "
+        f"{len(profile.models)} model(s), {len(profile.prepare)} prepare step(s)"
+    )
     return EXIT_OK
 
 

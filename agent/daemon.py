@@ -62,6 +62,7 @@ class Agent:
         self._environ = os.environ if environ is None else environ
         self.paths = Paths(settings.model_root, settings.state_dir, settings.log_dir)
         self.table = ProcessTable(self._launcher)
+        self.table.add_listener(lambda _event: self._kick_if_phase_changed())
         self.machine_id = ""
         self.boot_id = boot_id()
         self.instance_id = instance_id()
@@ -72,6 +73,7 @@ class Agent:
         self._force = asyncio.Event()
         self._signals = 0
         self._registry_url: str | None = None
+        self._published_phase: Phase | None = None
         self.pipeline: Pipeline | None = None
         self.ctx: BootstrapContext | None = None
         self.heartbeat: Heartbeat | None = None
@@ -88,8 +90,13 @@ class Agent:
             loop.add_signal_handler(sig, self.handle_exit, sig)
         api = ControlApi(self.settings.control_socket, self.status)
         await api.start()
-        log.info("emp-agent starting", version=__version__, profile=self.profile.name, pid=os.getpid(),
-                 socket=str(self.settings.control_socket))
+        log.info(
+            "emp-agent starting",
+            version=__version__,
+            profile=self.profile.name,
+            pid=os.getpid(),
+            socket=str(self.settings.control_socket),
+        )
         fetcher = UrlFetcher(self.settings.ca_bundle)
         registry: RedisRegistry | None = None
         pipeline_task: asyncio.Task[bool] | None = None
@@ -97,10 +104,15 @@ class Agent:
             registry = RedisRegistry(await self._registry_url_or_embedded())
             self.heartbeat = Heartbeat(registry, self.machine_id, self.settings.heartbeat_interval_s, self.record)
             self.ctx = BootstrapContext(
-                settings=self.settings, profile=self.profile, machine_id=self.machine_id, paths=self.paths,
-                table=self.table, gpu_probe=self._gpu_probe,
+                settings=self.settings,
+                profile=self.profile,
+                machine_id=self.machine_id,
+                paths=self.paths,
+                table=self.table,
+                gpu_probe=self._gpu_probe,
                 models=ModelStore(self.settings.model_root, self.settings.state_dir / "models.json", fetcher),
-                registrar=self.heartbeat, agent_env=self._environ,
+                registrar=self.heartbeat,
+                agent_env=self._environ,
             )
             self.pipeline = Pipeline(self._stages, self.settings.state_dir / "bootstrap.json", self._on_event)
             pipeline_task = asyncio.create_task(self.pipeline.run(self.ctx), name="bootstrap")
@@ -129,6 +141,14 @@ class Agent:
             return
         phase, reasons = self.phase()
         log.info("bootstrap finished", phase=phase.value, reasons=reasons)
+        self._kick_if_phase_changed()
+
+    def _kick_if_phase_changed(self) -> None:
+        """Publish at once when the phase changes, instead of waiting for the next heartbeat."""
+        phase, _ = self.phase()
+        if phase is not self._published_phase and self.heartbeat is not None:
+            self._published_phase = phase
+            self.heartbeat.kick()
 
     async def _teardown(
         self,
@@ -163,7 +183,8 @@ class Agent:
             try:
                 path.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
-                problems.append(Problem("settings", f"EMP_AGENT_{field.upper()}", f"cannot create {path}: {exc.strerror}"))
+                variable = f"EMP_AGENT_{field.upper()}"
+                problems.append(Problem("settings", variable, f"cannot create {path}: {exc.strerror}"))
         if problems:
             raise ConfigError(problems)
 
@@ -187,6 +208,7 @@ class Agent:
 
     def _on_event(self, event: dict[str, Any]) -> None:
         self.table.events.append(event)
+        self._kick_if_phase_changed()
 
     # ---- views -------------------------------------------------------------------------------------------
 
@@ -206,13 +228,20 @@ class Agent:
         """The static capability record: host, GPUs, services with job-facing names, verified models."""
         ctx = self.ctx
         services = [
-            {"name": s["name"], "service": s["service"], "capabilities": s["capabilities"], "port": s["port"],
-             "gpu": s["gpu"]}
-            for s in self.table.snapshot() if s["service"] != embedded.SERVICE_NAME
+            {
+                "name": s["name"],
+                "service": s["service"],
+                "capabilities": s["capabilities"],
+                "port": s["port"],
+                "gpu": s["gpu"],
+            }
+            for s in self.table.snapshot()
+            if s["service"] != embedded.SERVICE_NAME
         ]
         models = [
             {"name": m.name, "dest": m.dest, "sha256": m.sha256, "size": m.size}
-            for m in (ctx.model_status.values() if ctx else []) if m.state in ("verified", "pulled")
+            for m in (ctx.model_status.values() if ctx else [])
+            if m.state in ("verified", "pulled")
         ]
         return {
             "agent_version": __version__,
@@ -228,13 +257,19 @@ class Agent:
         phase, reasons = self.phase()
         caps = self.capabilities()
         caps_hash = hashlib.sha256(json.dumps(caps, sort_keys=True).encode()).hexdigest()[:16]
-        running = sorted({
-            name for s in self.table.snapshot() if s["state"] == "RUNNING" for name in s["capabilities"]
-        })
+        running = sorted({name for s in self.table.snapshot() if s["state"] == "RUNNING" for name in s["capabilities"]})
         return {
-            "schema": "1", "machine_id": self.machine_id, "boot_id": self.boot_id, "instance_id": self.instance_id,
-            "agent_version": __version__, "profile": self.profile.name, "phase": phase.value,
-            "reasons": reasons, "started_at": self.started_at, "capabilities": caps, "caps_hash": caps_hash,
+            "schema": "1",
+            "machine_id": self.machine_id,
+            "boot_id": self.boot_id,
+            "instance_id": self.instance_id,
+            "agent_version": __version__,
+            "profile": self.profile.name,
+            "phase": phase.value,
+            "reasons": reasons,
+            "started_at": self.started_at,
+            "capabilities": caps,
+            "caps_hash": caps_hash,
             "services_ready": running,
         }
 

@@ -1,4 +1,4 @@
-"""A small ComfyUI-shaped HTTP service for the demo profile: loads and hashes a model, serves /system_stats and /prompt."""
+"""A small ComfyUI-shaped HTTP service for the demo profile: loads a model, serves /system_stats and /prompt."""
 
 from __future__ import annotations
 
@@ -37,11 +37,14 @@ def _handler(model: dict[str, Any]) -> type[BaseHTTPRequestHandler]:
         def do_GET(self) -> None:
             if self.path == "/system_stats":
                 device = os.environ.get("CUDA_VISIBLE_DEVICES") or "cpu"
-                self._send(200, {
-                    "system": {"os": sys.platform, "python_version": sys.version.split()[0], "pid": os.getpid()},
-                    "devices": [{"name": device, "type": "cuda" if device != "cpu" else "cpu"}],
-                    "model": model,
-                })
+                self._send(
+                    200,
+                    {
+                        "system": {"os": sys.platform, "python_version": sys.version.split()[0], "pid": os.getpid()},
+                        "devices": [{"name": device, "type": "cuda" if device != "cpu" else "cpu"}],
+                        "model": model,
+                    },
+                )
             else:
                 self._send(404, {"error": "not found"})
 

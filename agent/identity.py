@@ -1,4 +1,4 @@
-"""Machine identity: a stable machine id (setting, persisted, or derived from /etc/machine-id), boot and instance ids."""
+"""Machine identity: a stable machine id (setting, persisted, or derived from /etc/machine-id), boot, instance."""
 
 from __future__ import annotations
 

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 
-class Phase(str, Enum):
+class Phase(StrEnum):
     """The machine as the fleet sees it."""
 
     BOOTSTRAPPING = "bootstrapping"
-    READY = "ready"          # every stage done, every required service RUNNING, registered
-    DEGRADED = "degraded"    # serving, but something is missing (reasons say what)
-    FAILED = "failed"        # a fatal stage failed; nothing will be served until an operator acts
+    READY = "ready"  # every stage done, every required service RUNNING, registered
+    DEGRADED = "degraded"  # serving, but something is missing (reasons say what)
+    FAILED = "failed"  # a fatal stage failed; nothing will be served until an operator acts
     STOPPING = "stopping"
 
 

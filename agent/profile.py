@@ -6,7 +6,7 @@ import re
 import signal
 import string
 import tomllib
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -17,8 +17,19 @@ from agent.errors import ConfigError, Problem
 
 #: Placeholders a service or preparation step may use; they are filled per instance.
 PLACEHOLDERS = frozenset(
-    {"port", "gpu", "gpu_uuid", "slot", "instance", "service", "model_root", "state_dir", "log_dir",
-     "python", "machine_id"}
+    {
+        "port",
+        "gpu",
+        "gpu_uuid",
+        "slot",
+        "instance",
+        "service",
+        "model_root",
+        "state_dir",
+        "log_dir",
+        "python",
+        "machine_id",
+    }
 )
 GPU_PLACEHOLDERS = frozenset({"gpu", "gpu_uuid"})
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
@@ -28,7 +39,7 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class RestartPolicy(str, Enum):
+class RestartPolicy(StrEnum):
     """When an exited service is started again."""
 
     ALWAYS = "always"
@@ -36,7 +47,7 @@ class RestartPolicy(str, Enum):
     NEVER = "never"
 
 
-class ProbeKind(str, Enum):
+class ProbeKind(StrEnum):
     """How readiness of a service instance is decided."""
 
     HTTP = "http"
@@ -273,7 +284,7 @@ def _absolutise(data: dict[str, Any], base: Path) -> None:
         if isinstance(model, dict) and isinstance(model.get("url"), str):
             url = model["url"]
             if url.startswith("file:") and not url.startswith("file:/"):
-                model["url"] = (base / url[len("file:"):]).resolve().as_uri()
+                model["url"] = (base / url[len("file:") :]).resolve().as_uri()
     for table in ("services", "prepare"):
         for entry in (data.get(table) or {}).values():
             if isinstance(entry, dict) and isinstance(entry.get("cwd"), str):
@@ -337,7 +348,7 @@ def _missing_files(merged: dict[str, Any], origin: dict[tuple[str, ...], str], d
     """`file:` model sources that do not exist (checked before validation so they are reported together)."""
     problems = []
     models = merged.get("models")
-    for name, model in (models.items() if isinstance(models, dict) else []):
+    for name, model in models.items() if isinstance(models, dict) else []:
         url = model.get("url") if isinstance(model, dict) else None
         if not isinstance(url, str):
             continue

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Mapping
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -21,7 +21,7 @@ DEFAULT_CONFIG_PATH = Path("/etc/emp-agent/agent.toml")
 CONFIG_PATH_VARIABLE = "EMP_AGENT_CONFIG"
 
 
-class LogFormat(str, Enum):
+class LogFormat(StrEnum):
     """How the agent writes its own log lines."""
 
     AUTO = "auto"

@@ -4,9 +4,24 @@ from __future__ import annotations
 
 from typing import Any
 
-COLOURS = {"RUNNING": "32", "ready": "32", "done": "32", "STARTING": "33", "BACKOFF": "33", "bootstrapping": "33",
-           "degraded": "33", "running": "33", "FATAL": "31", "failed": "31", "EXITED": "31", "STOPPED": "2",
-           "STOPPING": "33", "stopping": "33", "skipped": "2", "pending": "2"}
+COLOURS = {
+    "RUNNING": "32",
+    "ready": "32",
+    "done": "32",
+    "STARTING": "33",
+    "BACKOFF": "33",
+    "bootstrapping": "33",
+    "degraded": "33",
+    "running": "33",
+    "FATAL": "31",
+    "failed": "31",
+    "EXITED": "31",
+    "STOPPED": "2",
+    "STOPPING": "33",
+    "stopping": "33",
+    "skipped": "2",
+    "pending": "2",
+}
 
 
 def _paint(text: str, key: str, colour: bool) -> str:
@@ -55,7 +70,8 @@ def render_status(status: dict[str, Any], colour: bool = False) -> str:
     gpus = status.get("gpus")
     if gpus:
         summary = ", ".join(f"{g['index']}:{g['name']} {g['memory_total_mib']}MiB" for g in gpus["gpus"]) or "none"
-        lines.append(f"gpus     {summary} ({gpus['state']}{': ' + gpus['message'] if gpus['state'] != 'available' else ''})")
+        note = f": {gpus['message']}" if gpus["state"] != "available" else ""
+        lines.append(f"gpus     {summary} ({gpus['state']}{note})")
     lines.append("")
     stage_rows = [["STAGE", "STATE", "TIME", "DETAIL"]]
     stage_states = []
@@ -69,10 +85,18 @@ def render_status(status: dict[str, Any], colour: bool = False) -> str:
     states = []
     for svc in status["services"]:
         gpu = str(svc["gpu"]["index"]) if svc.get("gpu") else "-"
-        rows.append([
-            svc["name"], svc["state"], str(svc["pid"] or "-"), format_duration(svc["uptime_s"]),
-            str(svc["restarts"]), gpu, str(svc["port"] or "-"), svc["last_error"] or "",
-        ])
+        rows.append(
+            [
+                svc["name"],
+                svc["state"],
+                str(svc["pid"] or "-"),
+                format_duration(svc["uptime_s"]),
+                str(svc["restarts"]),
+                gpu,
+                str(svc["port"] or "-"),
+                svc["last_error"] or "",
+            ]
+        )
         states.append(svc["state"])
     if len(rows) == 1:
         lines.append("no services")
@@ -85,7 +109,8 @@ def render_status(status: dict[str, Any], colour: bool = False) -> str:
         model_states = []
         for m in models:
             size = f"{m['size']}" if m["size"] is not None else "-"
-            model_rows.append([m["name"], m["state"], size, m["dest"] + (f"  ({m['error']})" if m.get("error") else "")])
+            dest = m["dest"] + (f"  ({m['error']})" if m.get("error") else "")
+            model_rows.append([m["name"], m["state"], size, dest])
             model_states.append({"verified": "done", "pulled": "done"}.get(m["state"], "failed"))
         lines += _table(model_rows, model_states, 1, colour)
     return "\n".join(lines)

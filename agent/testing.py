@@ -21,7 +21,7 @@ class _Memory:
 
 @dataclass(frozen=True)
 class _Pci:
-    busId: str  # noqa: N815 - NVML's field name
+    busId: str
 
 
 class FakeNvml:
@@ -34,8 +34,9 @@ class FakeNvml:
     NVMLError = pynvml.NVMLError
     NVML_TEMPERATURE_GPU = pynvml.NVML_TEMPERATURE_GPU
 
-    def __init__(self, recording: dict[str, Any], init_error: int | None = None,
-                 errors: dict[tuple[str, int], int] | None = None) -> None:
+    def __init__(
+        self, recording: dict[str, Any], init_error: int | None = None, errors: dict[tuple[str, int], int] | None = None
+    ) -> None:
         self._rec = recording
         self._init_error = init_error
         self._errors = errors or {}
@@ -61,49 +62,49 @@ class FakeNvml:
         gpu: dict[str, Any] = self._rec["gpus"][handle]
         return gpu
 
-    def nvmlInit(self) -> None:  # noqa: N802 - NVML's names
+    def nvmlInit(self) -> None:
         if self._init_error is not None:
             raise pynvml.NVMLError(self._init_error)
         self.initialised += 1
 
-    def nvmlShutdown(self) -> None:  # noqa: N802
+    def nvmlShutdown(self) -> None:
         self.initialised -= 1
 
-    def nvmlSystemGetDriverVersion(self) -> str:  # noqa: N802
+    def nvmlSystemGetDriverVersion(self) -> str:
         return str(self._rec["driver_version"])
 
-    def nvmlSystemGetCudaDriverVersion_v2(self) -> int:  # noqa: N802
+    def nvmlSystemGetCudaDriverVersion_v2(self) -> int:
         return int(self._rec["cuda_driver_version"])
 
-    def nvmlDeviceGetCount(self) -> int:  # noqa: N802
+    def nvmlDeviceGetCount(self) -> int:
         return len(self._rec["gpus"])
 
-    def nvmlDeviceGetHandleByIndex(self, index: int) -> int:  # noqa: N802
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> int:
         self._gpu(index, "nvmlDeviceGetHandleByIndex")
         return index
 
-    def nvmlDeviceGetUUID(self, handle: int) -> str:  # noqa: N802
+    def nvmlDeviceGetUUID(self, handle: int) -> str:
         return str(self._gpu(handle, "nvmlDeviceGetUUID")["uuid"])
 
-    def nvmlDeviceGetName(self, handle: int) -> bytes:  # noqa: N802 - old bindings returned bytes
+    def nvmlDeviceGetName(self, handle: int) -> bytes:
         return str(self._gpu(handle, "nvmlDeviceGetName")["name"]).encode()
 
-    def nvmlDeviceGetMemoryInfo(self, handle: int) -> _Memory:  # noqa: N802
+    def nvmlDeviceGetMemoryInfo(self, handle: int) -> _Memory:
         gpu = self._gpu(handle, "nvmlDeviceGetMemoryInfo")
         return _Memory(gpu["memory_total_mib"] * MIB, gpu["memory_free_mib"] * MIB, gpu["memory_used_mib"] * MIB)
 
-    def nvmlDeviceGetCudaComputeCapability(self, handle: int) -> tuple[int, int]:  # noqa: N802
+    def nvmlDeviceGetCudaComputeCapability(self, handle: int) -> tuple[int, int]:
         major, minor = self._gpu(handle, "nvmlDeviceGetCudaComputeCapability")["compute_capability"]
         return int(major), int(minor)
 
-    def nvmlDeviceGetEnforcedPowerLimit(self, handle: int) -> int:  # noqa: N802
+    def nvmlDeviceGetEnforcedPowerLimit(self, handle: int) -> int:
         return int(self._gpu(handle, "nvmlDeviceGetEnforcedPowerLimit")["power_limit_mw"])
 
-    def nvmlDeviceGetTemperature(self, handle: int, sensor: int) -> int:  # noqa: N802
+    def nvmlDeviceGetTemperature(self, handle: int, sensor: int) -> int:
         return int(self._gpu(handle, "nvmlDeviceGetTemperature")["temperature_c"])
 
-    def nvmlDeviceGetPersistenceMode(self, handle: int) -> int:  # noqa: N802
+    def nvmlDeviceGetPersistenceMode(self, handle: int) -> int:
         return int(self._gpu(handle, "nvmlDeviceGetPersistenceMode")["persistence_mode"])
 
-    def nvmlDeviceGetPciInfo(self, handle: int) -> _Pci:  # noqa: N802
+    def nvmlDeviceGetPciInfo(self, handle: int) -> _Pci:
         return _Pci(str(self._gpu(handle, "nvmlDeviceGetPciInfo")["pci_bus_id"]))

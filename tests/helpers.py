@@ -22,8 +22,9 @@ def wait_until(condition: Callable[[], T], timeout: float = 20.0, interval: floa
     return last
 
 
-async def await_until(condition: Callable[[], T | Awaitable[T]], timeout: float = 20.0, what: str = "") -> T:
+async def await_until(condition: Callable[[], T | Awaitable[T]], deadline_s: float = 20.0, what: str = "") -> T:
     """Async twin of wait_until."""
+    timeout = deadline_s
     deadline = time.monotonic() + timeout
     while True:
         result = condition()

@@ -56,9 +56,7 @@ def request_json(socket_path: Path, method: str, path: str, timeout: float = 10.
         response = conn.getresponse()
         return response.status, json.loads(response.read() or b"null")
     except (FileNotFoundError, ConnectionRefusedError) as exc:
-        raise AgentNotRunning(
-            f"emp-agent is not running (nothing answers on {socket_path}: {exc.strerror})"
-        ) from None
+        raise AgentNotRunning(f"emp-agent is not running (nothing answers on {socket_path}: {exc.strerror})") from None
     except PermissionError:
         raise AgentNotRunning(
             f"permission denied on {socket_path}: run as root or a member of the emp-agent group"

@@ -33,7 +33,8 @@ class Detect:
         if shortfall:
             ctx.degraded["gpu requirement"] = shortfall
         count = len(ctx.gpus.gpus)
-        return f"{ctx.host.cpu_logical} CPUs, {ctx.host.memory_total_mib} MiB RAM, {count} GPU(s) ({ctx.gpus.state.value})"
+        host = ctx.host
+        return f"{host.cpu_logical} CPUs, {host.memory_total_mib} MiB RAM, {count} GPU(s) ({ctx.gpus.state.value})"
 
 
 def gpu_shortfall(need: GpuRequirement, report: GpuReport) -> str | None:

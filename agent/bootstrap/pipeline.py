@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -19,7 +19,7 @@ from agent.supervisor.service import EventSink, iso_now
 log = structlog.get_logger(__name__)
 
 
-class StageState(str, Enum):
+class StageState(StrEnum):
     """Where one stage is."""
 
     PENDING = "pending"
@@ -118,8 +118,13 @@ class Pipeline:
             record.detail = detail
         if error is not None:
             record.error = error
-        event: dict[str, Any] = {"type": "stage", "stage": record.name, "from": old.value, "to": state.value,
-                                 "at": iso_now()}
+        event: dict[str, Any] = {
+            "type": "stage",
+            "stage": record.name,
+            "from": old.value,
+            "to": state.value,
+            "at": iso_now(),
+        }
         if error:
             event["reason"] = error
         self._on_event(event)

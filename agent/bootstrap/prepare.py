@@ -26,12 +26,16 @@ class Prepare:
 
     async def run(self, ctx: BootstrapContext) -> str:
         values = {
-            "model_root": str(ctx.paths.model_root), "state_dir": str(ctx.paths.state_dir),
-            "log_dir": str(ctx.paths.log_dir), "python": sys.executable, "machine_id": ctx.machine_id,
+            "model_root": str(ctx.paths.model_root),
+            "state_dir": str(ctx.paths.state_dir),
+            "log_dir": str(ctx.paths.log_dir),
+            "python": sys.executable,
+            "machine_id": ctx.machine_id,
         }
         ran, skipped = 0, 0
         for name, step in ctx.profile.prepare.items():
-            if step.creates and Path(step.creates.format_map(values)).exists():
+            creates = Path(step.creates.format_map(values)) if step.creates else None
+            if creates is not None and await asyncio.to_thread(creates.exists):
                 skipped += 1
                 continue
             env = {**BASE_ENV, "HOME": str(ctx.paths.state_dir)}
@@ -52,7 +56,7 @@ class Prepare:
                 raise StageFailed(self.name, f"step {name}: timed out after {step.timeout_s:g}s") from None
             if code != 0:
                 raise StageFailed(self.name, f"step {name}: exited with {code}; {_tail(log_path)}")
-            if step.creates and not Path(step.creates.format_map(values)).exists():
+            if creates is not None and not await asyncio.to_thread(creates.exists):
                 raise StageFailed(self.name, f"step {name}: succeeded but did not create {step.creates}")
             ran += 1
         return f"{ran} step(s) run, {skipped} already done"

@@ -28,14 +28,16 @@ class PullModels:
         failures = []
         for name, spec in models.items():
             if name not in todo:
-                ctx.model_status[name] = ModelStatus(name, spec.dest, spec.sha256, spec.size, "verified",
-                                                     redact_source(spec.url))
+                ctx.model_status[name] = ModelStatus(
+                    name, spec.dest, spec.sha256, spec.size, "verified", redact_source(spec.url)
+                )
                 continue
             try:
                 ctx.model_status[name] = await ctx.models.ensure(name, spec)
             except ModelPullError as exc:
-                ctx.model_status[name] = ModelStatus(name, spec.dest, spec.sha256, spec.size, "failed",
-                                                     redact_source(spec.url), error=str(exc))
+                ctx.model_status[name] = ModelStatus(
+                    name, spec.dest, spec.sha256, spec.size, "failed", redact_source(spec.url), error=str(exc)
+                )
                 failures.append(f"{name}: {exc}")
         if failures:
             raise StageFailed(self.name, "; ".join(failures))

@@ -58,8 +58,11 @@ class UrlFetcher:
         try:
             async with self._client.stream("GET", url) as response:
                 if response.status_code != 200:
-                    error = TransientPullError if response.status_code in (408, 429) or response.status_code >= 500 \
+                    error = (
+                        TransientPullError
+                        if response.status_code in (408, 429) or response.status_code >= 500
                         else ModelPullError
+                    )
                     raise error(f"{shown}: HTTP {response.status_code}")
                 async for chunk in response.aiter_bytes(CHUNK):
                     sink(chunk)

@@ -3,24 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any, Protocol, TypeVar
 
 MIB = 1024 * 1024
 T = TypeVar("T")
 
 
-class GpuState(str, Enum):
+class GpuState(StrEnum):
     """Outcome of one probe."""
 
-    AVAILABLE = "available"      # NVML answered (possibly with zero GPUs)
+    AVAILABLE = "available"  # NVML answered (possibly with zero GPUs)
     UNAVAILABLE = "unavailable"  # no NVIDIA driver or library: a CPU-only host
-    ERROR = "error"              # NVML is there but failed: needs an operator
-    TIMEOUT = "timeout"          # the probe did not finish within its deadline
+    ERROR = "error"  # NVML is there but failed: needs an operator
+    TIMEOUT = "timeout"  # the probe did not finish within its deadline
 
 
 @dataclass(frozen=True)
@@ -100,10 +101,8 @@ def read_gpus(nvml: Any) -> GpuReport:
     except nvml.NVMLError as exc:
         return GpuReport(GpuState.ERROR, f"NVML failed while listing GPUs: {_error_name(nvml, exc)} ({exc})")
     finally:
-        try:
+        with contextlib.suppress(nvml.NVMLError):
             nvml.nvmlShutdown()
-        except nvml.NVMLError:
-            pass
     return GpuReport(GpuState.AVAILABLE, f"{len(gpus)} GPU(s)", driver, cuda, gpus)
 
 
@@ -174,8 +173,12 @@ class NvmlProbe:
     async def probe(self) -> GpuReport:
         """Probe now; never raises for GPU trouble, the report says what happened."""
         proc = await asyncio.create_subprocess_exec(
-            self._python, "-m", "agent.host.gpu",
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            self._python,
+            "-m",
+            "agent.host.gpu",
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
         )
         try:
             out, err = await asyncio.wait_for(proc.communicate(), self._timeout_s)

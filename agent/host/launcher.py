@@ -41,9 +41,7 @@ class Child(Protocol):
 class Launcher(Protocol):
     """Starts processes."""
 
-    async def spawn(
-        self, argv: Sequence[str], env: Mapping[str, str], cwd: str | None, log_path: Path
-    ) -> Child: ...
+    async def spawn(self, argv: Sequence[str], env: Mapping[str, str], cwd: str | None, log_path: Path) -> Child: ...
 
 
 class _OsChild:
@@ -112,9 +110,7 @@ def _group_has_live_member(pgid: int) -> bool:
 class ProcessLauncher:
     """Spawns each child in a new session, stdin from /dev/null, stdout+stderr appended to its log file."""
 
-    async def spawn(
-        self, argv: Sequence[str], env: Mapping[str, str], cwd: str | None, log_path: Path
-    ) -> Child:
+    async def spawn(self, argv: Sequence[str], env: Mapping[str, str], cwd: str | None, log_path: Path) -> Child:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         try:
             log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import redis.asyncio as redis
 from redis.exceptions import RedisError
@@ -49,7 +50,7 @@ class RedisRegistry:
             fields["last_heartbeat_ms"] = str(now_ms)
             async with self._client.pipeline(transaction=True) as pipe:
                 pipe.delete(key)
-                pipe.hset(key, mapping=fields)
+                pipe.hset(key, mapping=cast(Any, fields))  # redis-py's Mapping type is invariant in its key
                 pipe.expire(key, ttl_s)
                 pipe.zadd(keys.FLEET_INDEX, {machine_id: now_ms})
                 await pipe.execute()
@@ -67,10 +68,8 @@ class RedisRegistry:
             raise self._translate(exc) from None
 
     async def aclose(self) -> None:
-        try:
+        with contextlib.suppress(RedisError, OSError):
             await self._client.aclose()
-        except (RedisError, OSError):
-            pass
 
     def _translate(self, exc: BaseException) -> RegistryError:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

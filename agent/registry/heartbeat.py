@@ -42,6 +42,7 @@ class Heartbeat:
         self.beats = 0
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
+        self._kick = asyncio.Event()
 
     async def beat(self) -> None:
         """Write the record once; raises RegistryError (and records it) when Redis does not take it."""
@@ -65,14 +66,22 @@ class Heartbeat:
         if self._task is None:
             self._task = asyncio.create_task(self._loop(), name="heartbeat")
 
+    def kick(self) -> None:
+        """Beat now instead of at the next interval (the phase changed)."""
+        self._kick.set()
+
     def next_delay(self) -> float:
         """Interval with +-10% jitter so a fleet rebooted together does not beat in lockstep."""
         return self._interval_s * (1 + JITTER * (2 * self._random() - 1))
 
     async def _loop(self) -> None:
         while not self._stopping.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), self.next_delay())
+            stop = asyncio.ensure_future(self._stopping.wait())
+            kick = asyncio.ensure_future(self._kick.wait())
+            await asyncio.wait({stop, kick}, timeout=self.next_delay(), return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            kick.cancel()
+            self._kick.clear()
             if self._stopping.is_set():
                 return
             with contextlib.suppress(RegistryError):

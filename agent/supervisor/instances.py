@@ -141,14 +141,16 @@ def _instance(
     env.update({k: v.format_map(values) for k, v in spec.env.items()})
     inherited = {k: agent_env[k] for k in spec.inherit_env if k in agent_env}
     env.update(inherited)
-    env.update({
-        "EMP_MACHINE_ID": values["machine_id"],
-        "EMP_SERVICE": name,
-        "EMP_INSTANCE": instance_name,
-        "EMP_SLOT": str(slot),
-        "EMP_MODEL_ROOT": str(paths.model_root),
-        "EMP_CAPABILITIES": ",".join(spec.capabilities),
-    })
+    env.update(
+        {
+            "EMP_MACHINE_ID": values["machine_id"],
+            "EMP_SERVICE": name,
+            "EMP_INSTANCE": instance_name,
+            "EMP_SLOT": str(slot),
+            "EMP_MODEL_ROOT": str(paths.model_root),
+            "EMP_CAPABILITIES": ",".join(spec.capabilities),
+        }
+    )
     env.update(dep_ports)
     if port is not None:
         env["PORT"] = str(port)
@@ -158,8 +160,13 @@ def _instance(
     readiness = spec.readiness
     probe = Probe(
         kind=readiness.kind,
-        url=(readiness.url.format_map(values) if readiness.url else
-             f"http://127.0.0.1:{port}{readiness.path}" if readiness.kind is ProbeKind.HTTP and port else None),
+        url=(
+            readiness.url.format_map(values)
+            if readiness.url
+            else f"http://127.0.0.1:{port}{readiness.path}"
+            if readiness.kind is ProbeKind.HTTP and port
+            else None
+        ),
         port=port,
         socket=readiness.socket.format_map(values) if readiness.socket else None,
         command=tuple(arg.format_map(values) for arg in readiness.command or ()),

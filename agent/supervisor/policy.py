@@ -3,27 +3,27 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 from agent.profile import RestartPolicy, RestartSpec
 
 
-class Verdict(str, Enum):
+class Verdict(StrEnum):
     """What to do after an instance's process ended."""
 
-    RESTART = "restart"   # back off, then start again
-    LEAVE = "leave"       # EXITED: the policy says this exit is final
-    GIVE_UP = "give_up"   # FATAL: crash-loop limit reached
+    RESTART = "restart"  # back off, then start again
+    LEAVE = "leave"  # EXITED: the policy says this exit is final
+    GIVE_UP = "give_up"  # FATAL: crash-loop limit reached
 
 
 @dataclass(frozen=True)
 class ExitFacts:
     """How a run ended."""
 
-    returncode: int | None   # None: never started (spawn error) or start timeout
+    returncode: int | None  # None: never started (spawn error) or start timeout
     was_ready: bool
     ready_since: float | None  # monotonic time readiness passed
-    ended_at: float           # monotonic time the exit was observed
+    ended_at: float  # monotonic time the exit was observed
 
 
 def is_failure(spec: RestartSpec, facts: ExitFacts) -> bool:

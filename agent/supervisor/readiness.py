@@ -56,8 +56,11 @@ async def _attempt(probe: Probe, env: Mapping[str, str] | None) -> bool:
         return True
     if probe.kind is ProbeKind.COMMAND and probe.command:
         proc = await asyncio.create_subprocess_exec(
-            *probe.command, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL, env=dict(env) if env is not None else None,
+            *probe.command,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+            env=dict(env) if env is not None else None,
         )
         try:
             return await proc.wait() == 0

@@ -133,8 +133,14 @@ class ManagedService:
         old, self.state = self.state, new
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
-        event = {"type": "service", "instance": self.spec.name, "service": self.spec.service,
-                 "from": old.value, "to": new.value, "at": iso_now()}
+        event = {
+            "type": "service",
+            "instance": self.spec.name,
+            "service": self.spec.service,
+            "from": old.value,
+            "to": new.value,
+            "at": iso_now(),
+        }
         if reason:
             event["reason"] = reason
         level = "warning" if new in (ServiceState.BACKOFF, ServiceState.FATAL) else "info"
@@ -165,8 +171,11 @@ class ManagedService:
                 return
             if verdict is policy.Verdict.GIVE_UP:
                 retry = self.spec.restart.fatal_retry_s
-                self._set(ServiceState.FATAL, f"{reason}; crash loop ({self.failures} failures in a row)"
-                          + (f", retrying in {retry:g}s" if retry else ""))
+                self._set(
+                    ServiceState.FATAL,
+                    f"{reason}; crash loop ({self.failures} failures in a row)"
+                    + (f", retrying in {retry:g}s" if retry else ""),
+                )
                 if retry is None or await self._sleep_unless_stopped(retry):
                     if self._stop.is_set():
                         self._set(ServiceState.STOPPED, "stop requested")
@@ -215,8 +224,7 @@ class ManagedService:
                 self._set(ServiceState.STOPPED, "stopped")
                 return None
             if outcome == "timeout":
-                self.last_error = (f"not ready within {self.spec.start_timeout_s:g}s "
-                                   f"({self.spec.probe.describe()})")
+                self.last_error = f"not ready within {self.spec.start_timeout_s:g}s ({self.spec.probe.describe()})"
                 await self._terminate(child, exit_task)
                 return policy.ExitFacts(None, False, None, self._monotonic())
             returncode = exit_task.result()
@@ -248,8 +256,11 @@ class ManagedService:
             remaining = deadline - self._monotonic()
             if remaining <= 0:
                 return "ready" if probe.kind is ProbeKind.NONE else "timeout"
-            await asyncio.wait({exit_task, stop_task}, timeout=min(self.spec.probe_interval_s, remaining),
-                               return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                {exit_task, stop_task},
+                timeout=min(self.spec.probe_interval_s, remaining),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
 
     async def _terminate(self, child: Child, exit_task: asyncio.Task[int]) -> None:
         """Stop signal to the group, SIGKILL to the tree after the stop timeout, then wait for all to go."""

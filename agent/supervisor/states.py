@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 
-class ServiceState(str, Enum):
+class ServiceState(StrEnum):
     """Where one service instance is in its life."""
 
-    STOPPED = "STOPPED"    # not running, not wanted (or not yet started)
+    STOPPED = "STOPPED"  # not running, not wanted (or not yet started)
     STARTING = "STARTING"  # spawned, readiness probe not yet passed
-    RUNNING = "RUNNING"    # spawned and ready
-    BACKOFF = "BACKOFF"    # failed or exited unexpectedly; waiting before the next start
+    RUNNING = "RUNNING"  # spawned and ready
+    BACKOFF = "BACKOFF"  # failed or exited unexpectedly; waiting before the next start
     STOPPING = "STOPPING"  # stop signal sent, waiting for the whole tree to exit
-    EXITED = "EXITED"      # exited and the restart policy says leave it
-    FATAL = "FATAL"        # crash loop: gave up for now (retried after fatal_retry_s if set)
+    EXITED = "EXITED"  # exited and the restart policy says leave it
+    FATAL = "FATAL"  # crash loop: gave up for now (retried after fatal_retry_s if set)
 
 
 TRANSITIONS: dict[ServiceState, frozenset[ServiceState]] = {

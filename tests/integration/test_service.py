@@ -50,9 +50,12 @@ def transitions(table: ProcessTable, name: str) -> list[tuple[str, str]]:
 def test_service_is_running_only_when_ready_and_is_restarted_after_sigkill(tmp_path: Path) -> None:
     """RUNNING comes after the HTTP probe passes; a SIGKILLed child is restarted with a new pid."""
     pidfile = tmp_path / "pid"
-    spec = ServiceSpec(command=["{python}", str(PROGRAMS / "http_service.py"), "{port}", str(pidfile)],
-                       port=free_port(), readiness=ReadinessSpec(kind=ProbeKind.HTTP, interval_s=0.05),
-                       restart=FAST)
+    spec = ServiceSpec(
+        command=["{python}", str(PROGRAMS / "http_service.py"), "{port}", str(pidfile)],
+        port=free_port(),
+        readiness=ReadinessSpec(kind=ProbeKind.HTTP, interval_s=0.05),
+        restart=FAST,
+    )
     table = table_with(tmp_path, web=spec)
 
     async def scenario() -> dict[str, Any]:
@@ -61,8 +64,9 @@ def test_service_is_running_only_when_ready_and_is_restarted_after_sigkill(tmp_p
         assert await service.wait_ready(30)
         first = int(pidfile.read_text())
         os.kill(first, signal.SIGKILL)
-        await await_until(lambda: service.restarts == 1 and service.state is ServiceState.RUNNING, 30,
-                          what="restart after SIGKILL")
+        await await_until(
+            lambda: service.restarts == 1 and service.state is ServiceState.RUNNING, 30, what="restart after SIGKILL"
+        )
         second = int(pidfile.read_text())
         snap = service.snapshot()
         await table.stop_all()
@@ -71,20 +75,29 @@ def test_service_is_running_only_when_ready_and_is_restarted_after_sigkill(tmp_p
     result = asyncio.run(scenario())
 
     assert result["first"] != result["second"]
-    assert "killed by SIGKILL; restarting in 0.1s" == next(
-        e["reason"] for e in table.events if e["to"] == "BACKOFF")
+    assert "killed by SIGKILL; restarting in 0.1s" == next(e["reason"] for e in table.events if e["to"] == "BACKOFF")
     assert ServiceState.STOPPED == result["state"]
-    assert [("STOPPED", "STARTING"), ("STARTING", "RUNNING"), ("RUNNING", "BACKOFF"), ("BACKOFF", "STARTING"),
-            ("STARTING", "RUNNING"), ("RUNNING", "STOPPING"), ("STOPPING", "STOPPED")] == transitions(table, "web")
+    assert [
+        ("STOPPED", "STARTING"),
+        ("STARTING", "RUNNING"),
+        ("RUNNING", "BACKOFF"),
+        ("BACKOFF", "STARTING"),
+        ("STARTING", "RUNNING"),
+        ("RUNNING", "STOPPING"),
+        ("STOPPING", "STOPPED"),
+    ] == transitions(table, "web")
     assert gone(result["second"])
 
 
 def test_exit_before_ready_is_a_failed_start_and_crash_loop_ends_fatal(tmp_path: Path) -> None:
     """A child that exits before its probe passes is never RUNNING; the crash-loop limit makes it FATAL."""
     starts = tmp_path / "starts"
-    spec = ServiceSpec(command=["{python}", str(PROGRAMS / "flaky.py"), str(starts), "0"], port=free_port(),
-                       readiness=ReadinessSpec(kind=ProbeKind.HTTP, interval_s=0.05),
-                       restart=FAST.model_copy(update={"crash_loop_limit": 3, "fatal_retry_s": None}))
+    spec = ServiceSpec(
+        command=["{python}", str(PROGRAMS / "flaky.py"), str(starts), "0"],
+        port=free_port(),
+        readiness=ReadinessSpec(kind=ProbeKind.HTTP, interval_s=0.05),
+        restart=FAST.model_copy(update={"crash_loop_limit": 3, "fatal_retry_s": None}),
+    )
     table = table_with(tmp_path, web=spec)
 
     async def scenario() -> ServiceState:
@@ -122,9 +135,11 @@ def test_missing_command_is_a_spawn_error_with_its_reason(tmp_path: Path) -> Non
 def test_stop_kills_a_tree_that_ignores_sigterm_and_escaped_its_group(tmp_path: Path) -> None:
     """SIGTERM is ignored, the grandchild called setsid: after the stop timeout both are SIGKILLed and gone."""
     pidfile = tmp_path / "pids"
-    spec = ServiceSpec(command=["{python}", str(PROGRAMS / "stubborn.py"), str(pidfile)], stop_timeout_s=0.5,
-                       readiness=ReadinessSpec(kind=ProbeKind.COMMAND, command=["test", "-s", str(pidfile)],
-                                               interval_s=0.05))
+    spec = ServiceSpec(
+        command=["{python}", str(PROGRAMS / "stubborn.py"), str(pidfile)],
+        stop_timeout_s=0.5,
+        readiness=ReadinessSpec(kind=ProbeKind.COMMAND, command=["test", "-s", str(pidfile)], interval_s=0.05),
+    )
     table = table_with(tmp_path, stubborn=spec)
 
     async def scenario() -> tuple[list[int], ServiceState]:
@@ -143,9 +158,11 @@ def test_stop_kills_a_tree_that_ignores_sigterm_and_escaped_its_group(tmp_path: 
 def test_stop_wins_over_a_pending_restart(tmp_path: Path) -> None:
     """A service waiting out a long backoff stops at once when asked, and is not restarted."""
     starts = tmp_path / "starts"
-    spec = ServiceSpec(command=["{python}", str(PROGRAMS / "flaky.py"), str(starts), "3"],
-                       readiness=ReadinessSpec(start_seconds=0),
-                       restart=RestartSpec(backoff_initial_s=600, jitter=0))
+    spec = ServiceSpec(
+        command=["{python}", str(PROGRAMS / "flaky.py"), str(starts), "3"],
+        readiness=ReadinessSpec(start_seconds=0),
+        restart=RestartSpec(backoff_initial_s=600, jitter=0),
+    )
     table = table_with(tmp_path, web=spec)
 
     async def scenario() -> ServiceState:
@@ -162,9 +179,11 @@ def test_stop_wins_over_a_pending_restart(tmp_path: Path) -> None:
 def test_on_failure_policy_leaves_a_clean_exit_alone(tmp_path: Path) -> None:
     """With on-failure, exit code 0 after start is final: EXITED, no restart."""
     starts = tmp_path / "starts"
-    spec = ServiceSpec(command=[sys.executable, str(PROGRAMS / "flaky.py"), str(starts), "0"],
-                       readiness=ReadinessSpec(start_seconds=0),
-                       restart=RestartSpec(policy=RestartPolicy.ON_FAILURE))
+    spec = ServiceSpec(
+        command=[sys.executable, str(PROGRAMS / "flaky.py"), str(starts), "0"],
+        readiness=ReadinessSpec(start_seconds=0),
+        restart=RestartSpec(policy=RestartPolicy.ON_FAILURE),
+    )
     table = table_with(tmp_path, job=spec)
 
     async def scenario() -> ServiceState:

@@ -24,17 +24,32 @@ def test_recorded_a10g_host_is_read_with_units() -> None:
     report = read_gpus(FakeNvml.from_file(A10G))
 
     gpu = report.gpus[0]
-    assert (GpuState.AVAILABLE, "515.105.01", "11.7") == (report.state, report.driver_version,
-                                                          report.cuda_driver_version)
+    assert (GpuState.AVAILABLE, "515.105.01", "11.7") == (
+        report.state,
+        report.driver_version,
+        report.cuda_driver_version,
+    )
     assert ("NVIDIA A10G", "GPU-9a9a6c50-2a47-2f51-a902-b82c3b127e94", 23028, 22569, "8.6", 300.0, 17, False) == (
-        gpu.name, gpu.uuid, gpu.memory_total_mib, gpu.memory_free_mib, gpu.compute_capability,
-        gpu.power_limit_w, gpu.temperature_c, gpu.persistence_mode)
+        gpu.name,
+        gpu.uuid,
+        gpu.memory_total_mib,
+        gpu.memory_free_mib,
+        gpu.compute_capability,
+        gpu.power_limit_w,
+        gpu.temperature_c,
+        gpu.persistence_mode,
+    )
 
 
 def test_unsupported_field_is_null_with_reason_not_a_failed_probe() -> None:
     """NotSupported on power (GeForce) and NoPermission on temperature leave the rest of the GPU intact."""
-    nvml = FakeNvml.from_file(A5000, errors={("nvmlDeviceGetEnforcedPowerLimit", 0): pynvml.NVML_ERROR_NOT_SUPPORTED,
-                                             ("nvmlDeviceGetTemperature", 0): pynvml.NVML_ERROR_NO_PERMISSION})
+    nvml = FakeNvml.from_file(
+        A5000,
+        errors={
+            ("nvmlDeviceGetEnforcedPowerLimit", 0): pynvml.NVML_ERROR_NOT_SUPPORTED,
+            ("nvmlDeviceGetTemperature", 0): pynvml.NVML_ERROR_NO_PERMISSION,
+        },
+    )
 
     gpu = read_gpus(nvml).gpus[0]
 
@@ -92,5 +107,6 @@ def test_gpu_shortfall_states_exact_numbers() -> None:
     report = read_gpus(FakeNvml.from_file(A5000))
 
     assert "profile needs 2 GPU(s) with >= 40000 MiB, host has 0" == gpu_shortfall(
-        GpuRequirement(min_count=2, min_memory_mib=40000), report)
+        GpuRequirement(min_count=2, min_memory_mib=40000), report
+    )
     assert gpu_shortfall(GpuRequirement(min_count=1, min_memory_mib=20000), report) is None

@@ -36,7 +36,8 @@ def test_one_instance_per_gpu_pinned_by_uuid() -> None:
     instances = expand(profile(web=spec), GPUS, PATHS, "m1", {})
 
     assert [("web-0", "GPU-aaaa", ("serve", "--gpu", "0")), ("web-1", "GPU-bbbb", ("serve", "--gpu", "1"))] == [
-        (i.name, i.env["CUDA_VISIBLE_DEVICES"], i.argv) for i in instances]
+        (i.name, i.env["CUDA_VISIBLE_DEVICES"], i.argv) for i in instances
+    ]
 
 
 def test_cpu_only_host_gets_one_cpu_slot() -> None:
@@ -65,9 +66,18 @@ def test_environment_is_exactly_declared_plus_agent_additions(monkeypatch: pytes
     (instance,) = expand(profile(web=spec), [], PATHS, "m1", agent_env)
 
     assert {
-        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "HOME": "/state",
-        "SHARED": "1", "MODE": "web-0", "HF_TOKEN": "hf_secret_value", "EMP_MACHINE_ID": "m1", "EMP_SERVICE": "web",
-        "EMP_INSTANCE": "web", "EMP_SLOT": "0", "EMP_MODEL_ROOT": "/models", "EMP_CAPABILITIES": "c",
+        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "LANG": "C.UTF-8",
+        "HOME": "/state",
+        "SHARED": "1",
+        "MODE": "web-0",
+        "HF_TOKEN": "hf_secret_value",
+        "EMP_MACHINE_ID": "m1",
+        "EMP_SERVICE": "web",
+        "EMP_INSTANCE": "web",
+        "EMP_SLOT": "0",
+        "EMP_MODEL_ROOT": "/models",
+        "EMP_CAPABILITIES": "c",
     } == dict(instance.env)
     assert frozenset({"hf_secret_value"}) == instance.secret_values
 

@@ -13,10 +13,25 @@ AGENT = REPO / "agent"
 #: module prefix -> prefixes it must never import
 FORBIDDEN = {
     "agent.errors": ["agent."],
-    "agent.settings": ["agent.profile", "agent.host", "agent.supervisor", "agent.bootstrap", "agent.registry",
-                       "agent.api", "agent.daemon", "agent.cli"],
-    "agent.profile": ["agent.host", "agent.supervisor", "agent.bootstrap", "agent.registry", "agent.api",
-                      "agent.daemon", "agent.cli"],
+    "agent.settings": [
+        "agent.profile",
+        "agent.host",
+        "agent.supervisor",
+        "agent.bootstrap",
+        "agent.registry",
+        "agent.api",
+        "agent.daemon",
+        "agent.cli",
+    ],
+    "agent.profile": [
+        "agent.host",
+        "agent.supervisor",
+        "agent.bootstrap",
+        "agent.registry",
+        "agent.api",
+        "agent.daemon",
+        "agent.cli",
+    ],
     "agent.host": ["agent.supervisor", "agent.bootstrap", "agent.registry", "agent.api", "agent.daemon", "agent.cli"],
     "agent.supervisor": ["agent.bootstrap", "agent.registry", "agent.api", "agent.daemon", "agent.cli"],
     "agent.bootstrap": ["agent.api", "agent.daemon", "agent.cli"],
@@ -47,8 +62,11 @@ def test_lower_layers_do_not_import_higher_ones() -> None:
         name = module_name(path)
         for prefix, banned in FORBIDDEN.items():
             if name == prefix or name.startswith(prefix + "."):
-                violations += [f"{name} imports {imp}" for imp in imports_of(path) if any(
-                    imp == b.rstrip(".") or imp.startswith(b) for b in banned)]
+                violations += [
+                    f"{name} imports {imp}"
+                    for imp in imports_of(path)
+                    if any(imp == b.rstrip(".") or imp.startswith(b) for b in banned)
+                ]
 
     assert [] == violations
 
@@ -62,9 +80,11 @@ def test_every_module_has_a_one_line_docstring() -> None:
 
 def test_status_path_imports_nothing_heavy() -> None:
     """`emp-agent status` loads neither pydantic, redis, pynvml, aiohttp nor httpx."""
-    code = ("import sys, agent.cli, agent.api.client, agent.statusview; "
-            "print(sorted(m for m in ('pydantic', 'pydantic_settings', 'redis', 'pynvml', 'aiohttp', 'httpx', "
-            "'psutil', 'structlog') if m in sys.modules))")
+    code = (
+        "import sys, agent.cli, agent.api.client, agent.statusview; "
+        "print(sorted(m for m in ('pydantic', 'pydantic_settings', 'redis', 'pynvml', 'aiohttp', 'httpx', "
+        "'psutil', 'structlog') if m in sys.modules))"
+    )
 
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
 

@@ -6,8 +6,14 @@ from agent.machine import Phase, compute_phase
 
 
 def phase(**overrides):  # type: ignore[no-untyped-def]
-    args = {"stopping": False, "fatal_error": None, "pipeline_finished": True, "degraded": {},
-            "unhealthy_services": {}, "registry_connected": True}
+    args = {
+        "stopping": False,
+        "fatal_error": None,
+        "pipeline_finished": True,
+        "degraded": {},
+        "unhealthy_services": {},
+        "registry_connected": True,
+    }
     args.update(overrides)
     return compute_phase(**args)
 
@@ -29,8 +35,9 @@ def test_fatal_stage_means_failed_with_the_reason() -> None:
 
 def test_degraded_lists_every_reason() -> None:
     """A down service, a GPU shortfall and a lost registry all show up."""
-    result = phase(degraded={"gpu requirement": "needs 1"}, unhealthy_services={"web-0": "BACKOFF"},
-                   registry_connected=False)
+    result = phase(
+        degraded={"gpu requirement": "needs 1"}, unhealthy_services={"web-0": "BACKOFF"}, registry_connected=False
+    )
 
     assert (Phase.DEGRADED, ["gpu requirement: needs 1", "service web-0: BACKOFF", "registry: not connected"]) == result
 

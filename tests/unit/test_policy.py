@@ -8,8 +8,9 @@ from agent.profile import RestartPolicy, RestartSpec
 from agent.supervisor.policy import ExitFacts, Verdict, backoff_delay, failures_after, verdict
 from agent.supervisor.states import IllegalTransition, ServiceState, check_transition
 
-SPEC = RestartSpec(backoff_initial_s=1, backoff_max_s=30, backoff_factor=2, jitter=0.2, crash_loop_limit=3,
-                   healthy_reset_s=30)
+SPEC = RestartSpec(
+    backoff_initial_s=1, backoff_max_s=30, backoff_factor=2, jitter=0.2, crash_loop_limit=3, healthy_reset_s=30
+)
 
 
 def test_backoff_doubles_and_is_capped() -> None:

@@ -30,8 +30,11 @@ def test_shipped_profiles_validate(name: str) -> None:
 def test_extends_merges_tables_and_replaces_lists(tmp_path: Path) -> None:
     """A child profile adds services, overrides single keys of inherited tables, and replaces lists."""
     write(tmp_path, "base.toml", '[env]\nA = "1"\nB = "2"\n[services.web]\ncommand = ["a", "b"]\nport = 80\n')
-    write(tmp_path, "child.toml", 'extends = "base"\n[env]\nB = "3"\n[services.web]\ncommand = ["c"]\n'
-                                  '[services.worker]\ncommand = ["w"]\n')
+    write(
+        tmp_path,
+        "child.toml",
+        'extends = "base"\n[env]\nB = "3"\n[services.web]\ncommand = ["c"]\n[services.worker]\ncommand = ["w"]\n',
+    )
 
     profile = load_profile("child", tmp_path)
 
@@ -44,9 +47,13 @@ def test_extends_merges_tables_and_replaces_lists(tmp_path: Path) -> None:
 def test_typo_wrong_type_and_missing_file_each_get_one_line(tmp_path: Path) -> None:
     """The three classic mistakes are reported together, each with its file and field."""
     base = write(tmp_path, "base.toml", '[services.web]\ncommand = ["x"]\nport = "eighty"\n')
-    child = write(tmp_path, "child.toml", 'extends = "base"\n[services.web]\ncomand = ["y"]\n'
-                                          '[models.m]\nurl = "file:missing.bin"\ndest = "m.bin"\n'
-                                          f'sha256 = "{"0" * 64}"\n')
+    child = write(
+        tmp_path,
+        "child.toml",
+        'extends = "base"\n[services.web]\ncomand = ["y"]\n'
+        '[models.m]\nurl = "file:missing.bin"\ndest = "m.bin"\n'
+        f'sha256 = "{"0" * 64}"\n',
+    )
 
     with pytest.raises(ConfigError) as caught:
         load_profile(str(child), tmp_path)
@@ -65,7 +72,9 @@ def test_missing_parent_is_reported_on_the_extends_line(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         load_profile("child", tmp_path)
 
-    assert [f"{child}: extends: profile file not found: {tmp_path}/nothere.toml"] == [str(p) for p in caught.value.problems]
+    assert [f"{child}: extends: profile file not found: {tmp_path}/nothere.toml"] == [
+        str(p) for p in caught.value.problems
+    ]
 
 
 def test_extends_cycle_is_an_error(tmp_path: Path) -> None:
@@ -84,14 +93,14 @@ def test_extends_cycle_is_an_error(tmp_path: Path) -> None:
         ('command = ["run", "{port}"]', "{port} is used but the service has no 'port'"),
         ('command = ["x"]\ndepends_on = ["ghost"]', "no service named 'ghost'"),
         ('command = ["x"]\nstop_signal = "SIGNOPE"', "unknown signal"),
-        ('command = []', "at least 1 item"),
+        ("command = []", "at least 1 item"),
     ],
 )
 def test_service_mistakes_are_caught(tmp_path: Path, service: str, message: str) -> None:
     """Mistakes that would only show at spawn time are caught by validation."""
     write(tmp_path, "p.toml", f"[services.svc]\n{service}\n")
 
-    with pytest.raises(ConfigError, match="services.svc") as caught:
+    with pytest.raises(ConfigError, match=r"services\.svc") as caught:
         load_profile("p", tmp_path)
 
     assert message in str(caught.value)
@@ -100,9 +109,11 @@ def test_service_mistakes_are_caught(tmp_path: Path, service: str, message: str)
 @pytest.mark.parametrize("dest", ["/etc/passwd", "../escape.bin", "a/../../b"])
 def test_model_destination_stays_inside_the_model_root(tmp_path: Path, dest: str) -> None:
     """Absolute destinations and '..' are refused."""
-    write(tmp_path, "p.toml", f'[models.m]\nurl = "https://example.invalid/m"\ndest = "{dest}"\nsha256 = "{"a" * 64}"\n')
+    write(
+        tmp_path, "p.toml", f'[models.m]\nurl = "https://example.invalid/m"\ndest = "{dest}"\nsha256 = "{"a" * 64}"\n'
+    )
 
-    with pytest.raises(ConfigError, match="models.m.dest: must be a relative path"):
+    with pytest.raises(ConfigError, match=r"models\.m\.dest: must be a relative path"):
         load_profile("p", tmp_path)
 
 

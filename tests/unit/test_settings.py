@@ -25,7 +25,7 @@ def test_environment_overrides_file(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 def test_each_problem_names_its_source_and_field(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A typo in the file, a bad type in the environment and an unknown variable give one line each."""
     config = tmp_path / "agent.toml"
-    config.write_text('heartbeat_intervl_s = 5\n')
+    config.write_text("heartbeat_intervl_s = 5\n")
     monkeypatch.setenv("EMP_AGENT_HEARTBEAT_INTERVAL_S", "often")
     monkeypatch.setenv("EMP_AGENT_PROFLE", "gpu")
 

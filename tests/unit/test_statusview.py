@@ -5,14 +5,34 @@ from __future__ import annotations
 from agent.statusview import format_duration, render_status
 
 STATUS = {
-    "machine_id": "emp-1", "profile": "demo", "agent_version": "0.1.0", "pid": 42, "uptime_s": 65.0,
-    "phase": "degraded", "reasons": ["service web-0: BACKOFF (exited with code 1)"],
-    "registry": {"url": "unix:///s/redis.sock", "embedded": True, "connected": True, "last_heartbeat": "t",
-                 "last_error": None},
+    "machine_id": "emp-1",
+    "profile": "demo",
+    "agent_version": "0.1.0",
+    "pid": 42,
+    "uptime_s": 65.0,
+    "phase": "degraded",
+    "reasons": ["service web-0: BACKOFF (exited with code 1)"],
+    "registry": {
+        "url": "unix:///s/redis.sock",
+        "embedded": True,
+        "connected": True,
+        "last_heartbeat": "t",
+        "last_error": None,
+    },
     "gpus": {"state": "unavailable", "message": "no NVIDIA driver", "gpus": []},
     "stages": [{"name": "detect", "state": "done", "duration_s": 0.2, "detail": "2 CPUs", "error": None}],
-    "services": [{"name": "web-0", "state": "BACKOFF", "pid": None, "uptime_s": None, "restarts": 3, "gpu": None,
-                  "port": 8188, "last_error": "exited with code 1"}],
+    "services": [
+        {
+            "name": "web-0",
+            "state": "BACKOFF",
+            "pid": None,
+            "uptime_s": None,
+            "restarts": 3,
+            "gpu": None,
+            "port": 8188,
+            "last_error": "exited with code 1",
+        }
+    ],
     "models": [{"name": "m", "state": "verified", "size": 10, "dest": "m.bin"}],
 }
 
@@ -24,7 +44,8 @@ def test_table_shows_state_restarts_and_last_error() -> None:
     assert "phase    degraded" in text
     assert "- service web-0: BACKOFF (exited with code 1)" in text
     assert ["web-0", "BACKOFF", "-", "-", "3", "-", "8188", "exited", "with", "code", "1"] == next(
-        line for line in text.splitlines() if line.startswith("web-0")).split()
+        line for line in text.splitlines() if line.startswith("web-0")
+    ).split()
 
 
 def test_no_colour_codes_unless_asked() -> None:
@@ -35,5 +56,4 @@ def test_no_colour_codes_unless_asked() -> None:
 
 def test_durations_are_compact() -> None:
     """Uptime reads like pm2's."""
-    assert ["-", "59s", "1m01s", "1h01m", "1d01h"] == [
-        format_duration(s) for s in (None, 59, 61, 3660, 90000)]
+    assert ["-", "59s", "1m01s", "1h01m", "1d01h"] == [format_duration(s) for s in (None, 59, 61, 3660, 90000)]

@@ -1,0 +1,243 @@
+"""The whole agent through the real CLI: demo profile to `ready`, restart after SIGKILL, clean SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import redis
+
+from agent.registry import keys
+from tests.conftest import REPO, RedisServer
+from tests.helpers import wait_until
+
+PROGRAMS = REPO / "tests" / "programs"
+
+
+class AgentProcess:
+    """`python -m agent run` with its own dirs under a short temp path."""
+
+    def __init__(self, root: Path, profile: Path, extra_env: dict[str, str] | None = None) -> None:
+        self.root = root
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("EMP_AGENT_")},
+            "EMP_AGENT_STATE_DIR": str(root / "state"),
+            "EMP_AGENT_RUNTIME_DIR": str(root / "run"),
+            "EMP_AGENT_LOG_DIR": str(root / "log"),
+            "EMP_AGENT_MODEL_ROOT": str(root / "models"),
+            "EMP_AGENT_PROFILE": str(profile),
+            "EMP_AGENT_HEARTBEAT_INTERVAL_S": "0.5",
+            "EMP_AGENT_LOG_FORMAT": "json",
+            **(extra_env or {}),
+        }
+        self.log = (root / "agent.log").open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "agent", "run"], env=self.env, stdout=self.log, stderr=subprocess.STDOUT, cwd=root
+        )
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "agent", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=self.root,
+        )
+
+    def status(self) -> dict[str, Any] | None:
+        result = self.cli("status", "--json")
+        return json.loads(result.stdout) if result.returncode == 0 else None
+
+    def wait_phase(self, *phases: str, timeout: float = 90) -> dict[str, Any]:
+        def reached() -> dict[str, Any] | None:
+            assert self.process.poll() is None, f"agent exited early: {self.read_log()}"
+            status = self.status()
+            return status if status and status["phase"] in phases else None
+
+        return wait_until(reached, timeout, interval=0.2, what=f"phase in {phases}")
+
+    def read_log(self) -> str:
+        return (self.root / "agent.log").read_text(errors="replace")[-4000:]
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(60)
+        finally:
+            self.log.close()
+
+
+@pytest.fixture
+def agent_dirs(short_tmp: Path) -> Iterator[Path]:
+    return short_tmp
+
+
+def service(status: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(s for s in status["services"] if s["name"] == name)
+
+
+def family(pid: int) -> list[int]:
+    try:
+        root = psutil.Process(pid)
+        return [pid] + [child.pid for child in root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.mark.slow
+def test_demo_profile_end_to_end(agent_dirs: Path) -> None:
+    """Demo boots to ready on the embedded registry, serves, survives SIGKILL of a service, stops clean."""
+    agent = AgentProcess(agent_dirs, REPO / "profiles" / "demo.toml")
+    try:
+        status = agent.wait_phase("ready", "failed")
+        assert "ready" == status["phase"], agent.read_log()
+        assert ["done"] * 7 == [s["state"] for s in status["stages"]]
+        assert {"emp-registry": "RUNNING", "model-server-0": "RUNNING", "inference-0": "RUNNING"} == {
+            s["name"]: s["state"] for s in status["services"]
+        }
+        assert [("demo-checkpoint", "pulled")] == [(m["name"], m["state"]) for m in status["models"]]
+        assert status["registry"]["embedded"]
+        assert status["registry"]["connected"]
+
+        store = redis.Redis(
+            unix_socket_path=str(agent_dirs / "state" / "registry" / "redis.sock"), decode_responses=True
+        )
+        key = keys.machine_key(status["machine_id"])
+        stored = wait_until(
+            lambda: (r := store.hgetall(key)) and r["phase"] == "ready" and r, 20, what="ready record in redis"
+        )
+        assert ["demo-inference", "model-files"] == json.loads(stored["services_ready"])
+
+        inference = service(status, "inference-0")
+        request = urllib.request.Request(f"http://127.0.0.1:{inference['port']}/prompt", data=b'{"prompt": "a cat"}')
+        with urllib.request.urlopen(request, timeout=10) as response:
+            answer = json.load(response)
+        assert "bbbde649b2a1721d4bcb9fd3626f8711ac11bb57fe7e7848adf11c8d0bd65792" == answer["model"]
+
+        os.kill(inference["pid"], signal.SIGKILL)
+        restarted = wait_until(
+            lambda: (
+                (s := agent.status())
+                and service(s, "inference-0")["restarts"] == 1
+                and service(s, "inference-0")["state"] == "RUNNING"
+                and s
+            ),
+            60,
+            interval=0.2,
+            what="inference-0 restarted",
+        )
+        assert inference["pid"] != service(restarted, "inference-0")["pid"]
+
+        pids = family(agent.process.pid)
+        assert len(pids) >= 4
+    finally:
+        code = agent.stop()
+
+    assert 0 == code, agent.read_log()
+    assert [] == [pid for pid in pids if alive(pid)]
+    assert not (agent_dirs / "run" / "agent.sock").exists()
+    assert 3 == agent.cli("status").returncode
+
+
+@pytest.mark.slow
+def test_failed_boot_is_visible_in_status_and_redis_and_sigterm_deregisters(
+    agent_dirs: Path, redis_server: RedisServer
+) -> None:
+    """A model whose hash does not match fails the boot: phase failed with the reason, in status and in Redis."""
+    asset = agent_dirs / "weights.bin"
+    asset.write_bytes(b"not the weights you pinned")
+    profile = agent_dirs / "broken.toml"
+    profile.write_text(
+        f'[models.w]\nurl = "file:weights.bin"\ndest = "w.bin"\nsha256 = "{"ab" * 32}"\n'
+        f'[services.web]\ncommand = ["{sys.executable}", "-m", "http.server", "{{port}}"]\nport = 28080\n'
+    )
+    agent = AgentProcess(
+        agent_dirs, profile, {"EMP_AGENT_REDIS_URL": redis_server.url, "EMP_AGENT_MACHINE_ID": "e2e-failed"}
+    )
+    client = redis_server.client()
+    try:
+        status = agent.wait_phase("failed")
+        assert ["done", "failed", "skipped", "skipped", "skipped", "done", "skipped"] == [
+            s["state"] for s in status["stages"]
+        ]
+        assert "sha256 mismatch" in status["reasons"][0]
+        assert [] == status["services"]
+        stored = wait_until(lambda: client.hgetall(keys.machine_key("e2e-failed")), 20, what="record in redis")
+        assert "failed" == stored["phase"]
+        assert "sha256 mismatch" in json.loads(stored["reasons"])[0]
+        assert not (agent_dirs / "models" / "w.bin").exists()
+    finally:
+        code = agent.stop()
+
+    assert 0 == code
+    assert 0 == client.exists(keys.machine_key("e2e-failed"))
+
+
+@pytest.mark.slow
+def test_second_signal_forces_the_stop(agent_dirs: Path) -> None:
+    """A service ignoring SIGTERM with a long stop timeout is SIGKILLed when a second signal arrives."""
+    pidfile = agent_dirs / "pids"
+    profile = agent_dirs / "stubborn.toml"
+    profile.write_text(
+        f'[services.stubborn]\ncommand = ["{sys.executable}", "{PROGRAMS / "stubborn.py"}", "{pidfile}"]\n'
+        f'stop_timeout_s = 600\n[services.stubborn.readiness]\nkind = "command"\n'
+        f'command = ["test", "-s", "{pidfile}"]\ninterval_s = 0.05\n'
+    )
+    agent = AgentProcess(agent_dirs, profile)
+    try:
+        agent.wait_phase("ready")
+        pids = [int(p) for p in pidfile.read_text().split()]
+        agent.process.send_signal(signal.SIGTERM)
+        wait_until(lambda: "STOPPING" in agent.read_log(), 30, what="stop to begin")
+        agent.process.send_signal(signal.SIGINT)
+        code = agent.process.wait(60)
+    finally:
+        agent.stop()
+
+    assert 1 == code
+    assert [] == [pid for pid in pids if alive(pid)]
+
+
+def test_check_reports_each_problem_and_starts_nothing(short_tmp: Path) -> None:
+    """`emp-agent check` on a typo, a wrong type and a missing file: three lines, exit 2, no state written."""
+    profile = short_tmp / "bad.toml"
+    profile.write_text(
+        '[services.web]\ncomand = ["x"]\ncommand = ["y"]\nport = "http"\n'
+        f'[models.m]\nurl = "file:gone.bin"\ndest = "m.bin"\nsha256 = "{"0" * 64}"\n'
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EMP_AGENT_")}
+    env["EMP_AGENT_STATE_DIR"] = str(short_tmp / "state")
+
+    result = subprocess.run(
+        [sys.executable, "-m", "agent", "check", "--profile", str(profile)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert 2 == result.returncode
+    assert [
+        f"error: {profile}: models.m.url: file not found: {short_tmp}/gone.bin",
+        f"error: {profile}: services.web.comand: unknown field (typo?)",
+        f"error: {profile}: services.web.port: Input should be a valid integer, unable to parse string as an integer",
+    ] == sorted(result.stderr.splitlines())
+    assert not (short_tmp / "state").exists()
