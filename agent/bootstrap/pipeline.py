@@ -97,12 +97,15 @@ class Pipeline:
             started = self._monotonic()
             try:
                 detail = await stage.run(ctx)
-            except AgentError as exc:
+            except Exception as exc:  # every failure is recorded; a bug in a stage must not hang the boot
+                reason = str(exc) if isinstance(exc, AgentError) else f"internal error: {type(exc).__name__}: {exc}"
+                if not isinstance(exc, AgentError):
+                    log.exception("stage crashed", stage=stage.name)
                 record.duration_s = round(self._monotonic() - started, 3)
-                self._set(record, StageState.FAILED, error=str(exc))
-                log.error("stage failed", stage=stage.name, error=str(exc), fatal=stage.fatal)
+                self._set(record, StageState.FAILED, error=reason)
+                log.error("stage failed", stage=stage.name, error=reason, fatal=stage.fatal)
                 if not stage.fatal:
-                    ctx.degraded[f"stage {stage.name}"] = str(exc)
+                    ctx.degraded[f"stage {stage.name}"] = reason
                 continue
             record.duration_s = round(self._monotonic() - started, 3)
             self._set(record, StageState.DONE, detail=detail)

@@ -54,6 +54,10 @@ class Prepare:
                 child.kill_tree()
                 await child.wait()
                 raise StageFailed(self.name, f"step {name}: timed out after {step.timeout_s:g}s") from None
+            except asyncio.CancelledError:  # shutdown during the step: leave nothing running
+                child.kill_tree()
+                await asyncio.shield(child.wait())
+                raise
             if code != 0:
                 raise StageFailed(self.name, f"step {name}: exited with {code}; {_tail(log_path)}")
             if creates is not None and not await asyncio.to_thread(creates.exists):

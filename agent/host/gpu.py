@@ -182,6 +182,10 @@ class NvmlProbe:
         )
         try:
             out, err = await asyncio.wait_for(proc.communicate(), self._timeout_s)
+        except asyncio.CancelledError:
+            proc.kill()
+            await asyncio.shield(proc.wait())
+            raise
         except TimeoutError:
             proc.kill()
             await proc.wait()

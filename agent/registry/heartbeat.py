@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -84,8 +83,12 @@ class Heartbeat:
             self._kick.clear()
             if self._stopping.is_set():
                 return
-            with contextlib.suppress(RegistryError):
+            try:
                 await self.beat()
+            except RegistryError:
+                pass  # logged by beat(); try again next interval
+            except Exception:
+                log.exception("heartbeat failed; trying again next interval")
 
     async def stop(self, deregister: bool = True) -> None:
         """Stop beating and, by default, remove the record (bounded wait: shutdown never hangs on Redis)."""

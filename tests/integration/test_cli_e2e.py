@@ -241,3 +241,22 @@ def test_check_reports_each_problem_and_starts_nothing(short_tmp: Path) -> None:
         f"error: {profile}: services.web.port: Input should be a valid integer, unable to parse string as an integer",
     ] == sorted(result.stderr.splitlines())
     assert not (short_tmp / "state").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_during_a_stuck_prepare_step_leaves_nothing_running(agent_dirs: Path) -> None:
+    """Shutdown in the middle of the bootstrap cancels it and kills the step's process."""
+    pidfile = agent_dirs / "step.pid"
+    profile = agent_dirs / "stuck.toml"
+    profile.write_text(f'[prepare.stuck]\ncommand = ["{sys.executable}", "{PROGRAMS / "hang.py"}", "{pidfile}"]\n')
+    agent = AgentProcess(agent_dirs, profile)
+    try:
+        wait_until(pidfile.exists, 60, what="prepare step to start")
+        step_pid = int(pidfile.read_text())
+        status = agent.wait_phase("bootstrapping")
+        assert "running" == next(s["state"] for s in status["stages"] if s["name"] == "prepare")
+    finally:
+        code = agent.stop()
+
+    assert 0 == code
+    assert not alive(step_pid)
