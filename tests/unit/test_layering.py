@@ -10,35 +10,27 @@ from pathlib import Path
 from tests.conftest import REPO
 
 AGENT = REPO / "agent"
-#: module prefix -> prefixes it must never import
-FORBIDDEN = {
-    "agent.errors": ["agent."],
-    "agent.settings": [
-        "agent.profile",
-        "agent.host",
-        "agent.supervisor",
-        "agent.bootstrap",
-        "agent.registry",
-        "agent.api",
-        "agent.daemon",
-        "agent.cli",
-    ],
-    "agent.profile": [
-        "agent.host",
-        "agent.supervisor",
-        "agent.bootstrap",
-        "agent.registry",
-        "agent.api",
-        "agent.daemon",
-        "agent.cli",
-    ],
-    "agent.host": ["agent.supervisor", "agent.bootstrap", "agent.registry", "agent.api", "agent.daemon", "agent.cli"],
-    "agent.supervisor": ["agent.bootstrap", "agent.registry", "agent.api", "agent.daemon", "agent.cli"],
-    "agent.bootstrap": ["agent.api", "agent.daemon", "agent.cli"],
-    "agent.registry": ["agent.bootstrap", "agent.api", "agent.daemon", "agent.cli"],
-    "agent.api": ["agent.daemon", "agent.cli", "agent.bootstrap"],
-    "agent.daemon": ["agent.cli"],
-}
+#: Lowest first. A module may import its own package and lower layers, never a higher layer or a sibling.
+LAYERS = [
+    {"agent.errors"},
+    {"agent.settings"},
+    {"agent.profile"},
+    {"agent.host"},
+    {"agent.supervisor"},
+    {"agent.bootstrap", "agent.registry"},
+    {"agent.api"},
+    {"agent.daemon"},
+    {"agent.cli"},
+]
+
+
+def banned_for(name: str) -> set[str]:
+    """The packages `name` must not import."""
+    for index, layer in enumerate(LAYERS):
+        own = next((p for p in layer if name == p or name.startswith(p + ".")), None)
+        if own is not None:
+            return set().union(*LAYERS[index + 1 :]) | (layer - {own})
+    return set()
 
 
 def module_name(path: Path) -> str:
@@ -60,13 +52,12 @@ def test_lower_layers_do_not_import_higher_ones() -> None:
     violations = []
     for path in AGENT.rglob("*.py"):
         name = module_name(path)
-        for prefix, banned in FORBIDDEN.items():
-            if name == prefix or name.startswith(prefix + "."):
-                violations += [
-                    f"{name} imports {imp}"
-                    for imp in imports_of(path)
-                    if any(imp == b.rstrip(".") or imp.startswith(b) for b in banned)
-                ]
+        banned = banned_for(name)
+        violations += [
+            f"{name} imports {imp}"
+            for imp in imports_of(path)
+            if any(imp == b or imp.startswith(b + ".") for b in banned)
+        ]
 
     assert [] == violations
 
