@@ -32,6 +32,7 @@ from agent.registry.client import RedisRegistry
 from agent.registry.heartbeat import Heartbeat
 from agent.settings import Settings
 from agent.supervisor.instances import Paths, expand
+from agent.supervisor.ledger import ProcessLedger
 from agent.supervisor.service import iso_now
 from agent.supervisor.table import ProcessTable
 
@@ -61,7 +62,8 @@ class Agent:
         self._stages = stages or default_stages()
         self._environ = os.environ if environ is None else environ
         self.paths = Paths(settings.model_root, settings.state_dir, settings.log_dir)
-        self.table = ProcessTable(self._launcher)
+        self.ledger = ProcessLedger(settings.state_dir / "processes.json")
+        self.table = ProcessTable(self._launcher, ledger=self.ledger)
         self.table.add_listener(lambda _event: self._kick_if_phase_changed())
         self.machine_id = ""
         self.boot_id = boot_id()
@@ -89,7 +91,10 @@ class Agent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.handle_exit, sig)
         api = ControlApi(self.settings.control_socket, self.status)
-        await api.start()
+        await api.start()  # refuses when another agent is live, so the sweep below never hits its services
+        leftovers = await asyncio.to_thread(self.ledger.sweep)
+        if leftovers:
+            log.warning("cleaned up after a previous agent that did not stop cleanly", instances=leftovers)
         log.info(
             "emp-agent starting",
             version=__version__,

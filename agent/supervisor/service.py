@@ -18,6 +18,7 @@ from agent.host.launcher import Child, Launcher
 from agent.profile import ProbeKind
 from agent.supervisor import policy
 from agent.supervisor.instances import InstanceSpec
+from agent.supervisor.ledger import ProcessLedger
 from agent.supervisor.readiness import attempt
 from agent.supervisor.states import ServiceState, check_transition
 
@@ -43,8 +44,10 @@ class ManagedService:
         on_event: EventSink,
         monotonic: Callable[[], float] = time.monotonic,
         unit_random: Callable[[], float] = random.random,
+        ledger: ProcessLedger | None = None,
     ) -> None:
         self.spec = spec
+        self._ledger = ledger
         self._launcher = launcher
         self._on_event = on_event
         self._monotonic = monotonic
@@ -208,6 +211,8 @@ class ManagedService:
             self.last_error = str(exc)
             return policy.ExitFacts(None, False, None, self._monotonic())
         self._child, self.pid, self._spawned_at = child, child.pid, self._monotonic()
+        if self._ledger is not None:
+            self._ledger.spawned(self.spec.name, child.pid)
         exit_task = asyncio.create_task(child.wait())
         stop_task = asyncio.create_task(self._stop.wait())
         try:
@@ -238,6 +243,8 @@ class ManagedService:
             stop_task.cancel()
             self.pid = None
             self._child = None
+            if self._ledger is not None:
+                self._ledger.reaped(self.spec.name)
 
     async def _await_ready(self, exit_task: asyncio.Task[int], stop_task: asyncio.Task[Any]) -> str:
         deadline = self._monotonic() + self.spec.start_timeout_s

@@ -13,6 +13,7 @@ import structlog
 from agent.errors import UnknownService
 from agent.host.launcher import Launcher
 from agent.supervisor.instances import InstanceSpec
+from agent.supervisor.ledger import ProcessLedger
 from agent.supervisor.service import EventSink, ManagedService
 from agent.supervisor.states import ServiceState
 
@@ -24,9 +25,14 @@ class ProcessTable:
     """Name -> ManagedService, in start order."""
 
     def __init__(
-        self, launcher: Launcher, on_event: EventSink | None = None, monotonic: Callable[[], float] = time.monotonic
+        self,
+        launcher: Launcher,
+        on_event: EventSink | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+        ledger: ProcessLedger | None = None,
     ) -> None:
         self._launcher = launcher
+        self._ledger = ledger
         self._monotonic = monotonic
         self._services: dict[str, ManagedService] = {}
         self._listeners: list[EventSink] = [on_event] if on_event else []
@@ -45,7 +51,7 @@ class ProcessTable:
         """Register an instance (not started)."""
         if spec.name in self._services:
             raise ValueError(f"duplicate instance name {spec.name}")
-        service = ManagedService(spec, self._launcher, self._emit, monotonic=self._monotonic)
+        service = ManagedService(spec, self._launcher, self._emit, monotonic=self._monotonic, ledger=self._ledger)
         self._services[spec.name] = service
         return service
 

@@ -260,3 +260,27 @@ def test_sigterm_during_a_stuck_prepare_step_leaves_nothing_running(agent_dirs: 
 
     assert 0 == code
     assert not alive(step_pid)
+
+
+@pytest.mark.slow
+def test_agent_restarted_after_sigkill_cleans_up_the_orphans(agent_dirs: Path) -> None:
+    """Services orphaned by a SIGKILLed agent are killed by the next agent, which then takes their ports."""
+    first = AgentProcess(agent_dirs, REPO / "profiles" / "demo.toml")
+    try:
+        status = first.wait_phase("ready")
+        orphans = [s["pid"] for s in status["services"]]
+        ports = {s["name"]: s["port"] for s in status["services"]}
+        first.process.kill()
+        first.process.wait(30)
+        assert all(alive(pid) for pid in orphans)
+    finally:
+        first.log.close()
+
+    second = AgentProcess(agent_dirs, REPO / "profiles" / "demo.toml")
+    try:
+        status = second.wait_phase("ready")
+        assert [] == [pid for pid in orphans if alive(pid)]
+        assert ports == {s["name"]: s["port"] for s in status["services"]}
+        assert "cleaned up after a previous agent" in (agent_dirs / "agent.log").read_text()
+    finally:
+        assert 0 == second.stop()

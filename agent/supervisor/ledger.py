@@ -1,0 +1,98 @@
+"""The ledger of live process groups in the state dir, so an agent restarted after a crash can kill what the
+crashed one left running (services would otherwise hold their ports and GPU memory as orphans)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import psutil
+import structlog
+
+from agent.statefile import read_json, write_json_atomic
+
+log = structlog.get_logger(__name__)
+#: psutil create times of the same process agree to within this (seconds).
+CREATE_TIME_SLACK_S = 0.05
+SWEEP_GRACE_S = 5.0
+
+
+class ProcessLedger:
+    """instance name -> {pid, create_time}; written on every spawn and reap."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        loaded = read_json(path)
+        self._entries: dict[str, dict[str, Any]] = loaded if isinstance(loaded, dict) else {}
+
+    def spawned(self, name: str, pid: int) -> None:
+        """Record a new process group leader."""
+        try:
+            created = psutil.Process(pid).create_time()
+        except psutil.Error:
+            return
+        self._entries[name] = {"pid": pid, "create_time": created}
+        self._save()
+
+    def reaped(self, name: str) -> None:
+        """Forget an instance whose processes are all gone."""
+        if self._entries.pop(name, None) is not None:
+            self._save()
+
+    def sweep(self, grace_s: float = SWEEP_GRACE_S) -> list[str]:
+        """Kill the process groups a previous agent left behind; returns the instance names that were found.
+
+        A pid is only signalled when its create time matches the record, so a recycled pid is never hit.
+        """
+        leftovers: dict[str, list[psutil.Process]] = {}
+        for name, entry in self._entries.items():
+            leader = _matching(entry)
+            if leader is None:
+                continue
+            with contextlib.suppress(psutil.Error):
+                leftovers[name] = [leader, *leader.children(recursive=True)]
+        for name, (leader, *descendants) in leftovers.items():
+            log.warning(
+                "killing processes left by a previous agent",
+                instance=name,
+                pids=[leader.pid, *(p.pid for p in descendants)],
+            )
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(leader.pid, signal.SIGTERM)
+            for proc in descendants:
+                with contextlib.suppress(psutil.Error):
+                    proc.terminate()
+        everything = [p for procs in leftovers.values() for p in procs]
+        _, alive = psutil.wait_procs(everything, timeout=grace_s) if everything else ([], [])
+        for proc in alive:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        if alive:
+            psutil.wait_procs(alive, timeout=grace_s)
+        for procs in leftovers.values():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(procs[0].pid, signal.SIGKILL)
+        self._entries.clear()
+        self._save()
+        return sorted(leftovers)
+
+    def _save(self) -> None:
+        try:
+            write_json_atomic(self._path, self._entries)
+        except OSError as exc:
+            log.warning("cannot write the process ledger", path=str(self._path), error=str(exc))
+
+
+def _matching(entry: dict[str, Any]) -> psutil.Process | None:
+    try:
+        proc = psutil.Process(int(entry["pid"]))
+        if abs(proc.create_time() - float(entry["create_time"])) > CREATE_TIME_SLACK_S:
+            return None
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return proc
+    except (psutil.Error, KeyError, TypeError, ValueError):
+        return None
