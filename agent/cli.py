@@ -1,6 +1,7 @@
 """The `emp-agent` command line; the only place that chooses exit codes.
 
-Exit codes: 0 ok, 1 failed, 2 usage or configuration error, 3 agent not running.
+Exit codes: 0 ok, 1 failed, 2 usage or configuration error, 3 agent not running, 4 partial (`status`: the
+agent answers but the machine is not ready: bootstrapping, degraded or stopping).
 Heavy modules (pydantic, redis, aiohttp, pynvml) are imported only by the commands that need them, so
 `emp-agent status` stays fast.
 """
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
     from agent.profile import Profile
     from agent.settings import Settings
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_PARTIAL = 0, 1, 2, 3, 4
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,8 +33,10 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="emp-agent",
         description="Host agent for GPU fleets: bootstrap the host, supervise its services, register in Redis.",
-        epilog="Exit codes: 0 ok, 1 failed, 2 usage or configuration error, 3 agent not running.",
+        epilog="Exit codes: 0 ok, 1 failed, 2 usage or configuration error, 3 agent not running, "
+        "4 partial (status: the machine is not ready yet, or degraded).",
     )
+    parser.add_argument("--version", action="version", version=f"emp-agent {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser("run", parents=[common], help="bootstrap this host and supervise it until SIGTERM")
     run.add_argument("--profile", help="profile name or path (overrides EMP_AGENT_PROFILE)")
@@ -85,7 +88,7 @@ def _status(args: argparse.Namespace) -> int:
         print(json.dumps(status, indent=2))
     else:
         print(render_status(status, colour=sys.stdout.isatty()))
-    return EXIT_OK
+    return {"ready": EXIT_OK, "failed": EXIT_FAILED}.get(status.get("phase"), EXIT_PARTIAL)
 
 
 def _load(args: argparse.Namespace, need_profile: bool) -> tuple[Settings, Profile | None]:

@@ -173,36 +173,6 @@ class Profile(_Frozen):
     prepare: dict[str, PrepareStep] = Field(default_factory=dict)
     services: dict[str, ServiceSpec] = Field(default_factory=dict)
 
-    @model_validator(mode="after")
-    def _cross_checks(self) -> Profile:
-        for name, spec in self.services.items():
-            if not re.match(NAME_PATTERN, name):
-                raise ValueError(f"services.{name}: name must match {NAME_PATTERN}")
-            for dep in spec.depends_on:
-                if dep not in self.services:
-                    raise ValueError(f"services.{name}.depends_on: no service named {dep!r}")
-        _check_acyclic(self.services)
-        return self
-
-
-def _check_acyclic(services: dict[str, ServiceSpec]) -> None:
-    visiting: set[str] = set()
-    done: set[str] = set()
-
-    def visit(name: str) -> None:
-        if name in done:
-            return
-        if name in visiting:
-            raise ValueError(f"services.{name}.depends_on: dependency cycle")
-        visiting.add(name)
-        for dep in services[name].depends_on:
-            visit(dep)
-        visiting.discard(name)
-        done.add(name)
-
-    for name in services:
-        visit(name)
-
 
 def resolve_profile_path(ref: str, profiles_dir: Path) -> Path:
     """A profile reference is a path (contains '/' or ends in .toml) or a name in profiles_dir."""
@@ -226,6 +196,7 @@ def load_profile(ref: str, profiles_dir: Path) -> Profile:
     merged["name"] = path.stem
     merged["source"] = str(path)
     problems.extend(_missing_files(merged, origin, str(path)))
+    problems.extend(_service_graph_problems(merged, origin, str(path)))
     try:
         profile = Profile.model_validate(merged)
     except ValidationError as exc:
@@ -337,10 +308,47 @@ def _problems_from(exc: ValidationError, origin: dict[tuple[str, ...], str], def
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             message = "unknown field (typo?)"
-        if not loc and message.startswith("services."):
-            field, _, message = message.partition(": ")
-            loc = tuple(field.split("."))
         problems.append(Problem(_source_of(loc, origin, default), ".".join(loc), message))
+    return problems
+
+
+def _service_graph_problems(merged: dict[str, Any], origin: dict[tuple[str, ...], str], default: str) -> list[Problem]:
+    """Service names and `depends_on` (unknown names, cycles), checked on the raw data so that every problem is
+    reported together with the field errors."""
+    services = merged.get("services")
+    if not isinstance(services, dict):
+        return []
+    problems = []
+
+    def report(loc: tuple[str, ...], message: str) -> None:
+        problems.append(Problem(_source_of(loc, origin, default), ".".join(loc), message))
+
+    graph: dict[str, list[str]] = {}
+    for name, spec in services.items():
+        if not re.match(NAME_PATTERN, name):
+            report(("services", name), f"service name must match {NAME_PATTERN}")
+        deps = spec.get("depends_on", []) if isinstance(spec, dict) else []
+        deps = [d for d in deps if isinstance(d, str)] if isinstance(deps, list) else []
+        for dep in deps:
+            if dep not in services:
+                report(("services", name, "depends_on"), f"no service named {dep!r}")
+        graph[name] = [d for d in deps if d in services]
+    state: dict[str, int] = {}  # 1 visiting, 2 done
+
+    def visit(name: str, trail: list[str]) -> None:
+        if state.get(name) == 2:
+            return
+        if state.get(name) == 1:
+            cycle = [*trail[trail.index(name) :], name]
+            report(("services", name, "depends_on"), "dependency cycle: " + " -> ".join(cycle))
+            return
+        state[name] = 1
+        for dep in graph[name]:
+            visit(dep, [*trail, name])
+        state[name] = 2
+
+    for name in graph:
+        visit(name, [])
     return problems
 
 

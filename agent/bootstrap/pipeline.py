@@ -12,7 +12,7 @@ from typing import Any, Protocol
 import structlog
 
 from agent.bootstrap.context import BootstrapContext
-from agent.errors import AgentError
+from agent.errors import AgentError, StageFailed
 from agent.statefile import write_json_atomic
 from agent.supervisor.service import EventSink, iso_now
 
@@ -98,7 +98,12 @@ class Pipeline:
             try:
                 detail = await stage.run(ctx)
             except Exception as exc:  # every failure is recorded; a bug in a stage must not hang the boot
-                reason = str(exc) if isinstance(exc, AgentError) else f"internal error: {type(exc).__name__}: {exc}"
+                if isinstance(exc, StageFailed):
+                    reason = exc.reason
+                elif isinstance(exc, AgentError):
+                    reason = str(exc)
+                else:
+                    reason = f"internal error: {type(exc).__name__}: {exc}"
                 if not isinstance(exc, AgentError):
                     log.exception("stage crashed", stage=stage.name)
                 record.duration_s = round(self._monotonic() - started, 3)

@@ -106,7 +106,8 @@ def dependency_order(services: Mapping[str, ServiceSpec]) -> list[str]:
         if name in ordered:
             return
         for dep in services[name].depends_on:
-            visit(dep)
+            if dep in services:
+                visit(dep)
         ordered.append(name)
 
     for name in services:

@@ -56,7 +56,11 @@ class AgentProcess:
 
     def status(self) -> dict[str, Any] | None:
         result = self.cli("status", "--json")
-        return json.loads(result.stdout) if result.returncode == 0 else None
+        if result.returncode not in (0, 1, 4):  # ready, failed, partial; 3 means not running (yet)
+            return None
+        status: dict[str, Any] = json.loads(result.stdout)
+        assert {"ready": 0, "failed": 1}.get(status["phase"], 4) == result.returncode
+        return status
 
     def wait_phase(self, *phases: str, timeout: float = 90) -> dict[str, Any]:
         def reached() -> dict[str, Any] | None:

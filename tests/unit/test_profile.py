@@ -86,6 +86,25 @@ def test_extends_cycle_is_an_error(tmp_path: Path) -> None:
         load_profile("a", tmp_path)
 
 
+def test_dependency_problems_are_reported_with_field_errors(tmp_path: Path) -> None:
+    """An unknown dependency, a cycle and a wrong type in one file: every problem at once."""
+    path = write(
+        tmp_path,
+        "p.toml",
+        '[services.a]\ncommand = ["a"]\ndepends_on = ["ghost", "b"]\n'
+        '[services.b]\ncommand = ["b"]\ndepends_on = ["a"]\nport = "x"\n',
+    )
+
+    with pytest.raises(ConfigError) as caught:
+        load_profile("p", tmp_path)
+
+    assert [
+        f"{path}: services.a.depends_on: dependency cycle: a -> b -> a",
+        f"{path}: services.a.depends_on: no service named 'ghost'",
+        f"{path}: services.b.port: Input should be a valid integer, unable to parse string as an integer",
+    ] == sorted(str(p) for p in caught.value.problems)
+
+
 @pytest.mark.parametrize(
     ("service", "message"),
     [
