@@ -11,7 +11,16 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from agent.errors import ConfigError, Problem
 
@@ -33,6 +42,26 @@ PLACEHOLDERS = frozenset(
 )
 GPU_PLACEHOLDERS = frozenset({"gpu", "gpu_uuid"})
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+#: Service names the agent uses for its own instances.
+RESERVED_PREFIX = "emp-"
+
+
+def _check_env(env: dict[str, str]) -> dict[str, str]:
+    for key, value in env.items():
+        if not re.match(ENV_NAME_PATTERN, key):
+            raise ValueError(f"{key!r} is not a valid environment variable name")
+        if "\0" in value:
+            raise ValueError(f"{key}: value contains a NUL byte")
+    return env
+
+
+def _check_argv(argv: list[str]) -> list[str]:
+    if argv and not argv[0].strip():
+        raise ValueError("the program (first element) must not be empty")
+    if any("\0" in arg for arg in argv):
+        raise ValueError("an argument contains a NUL byte")
+    return argv
 
 
 class _Frozen(BaseModel):
@@ -100,16 +129,35 @@ class ServiceSpec(_Frozen):
     env: dict[str, str] = Field(default_factory=dict)
     inherit_env: list[str] = Field(default_factory=list, description="Agent variables passed through by name.")
     cwd: str | None = None
-    per_gpu: bool = False
-    instances: int = Field(default=1, ge=1, le=64, description="Instances (per GPU when per_gpu).")
-    port: int | None = Field(default=None, ge=1, le=65535, description="Base port; instance i asks for port+i.")
+    per_gpu: StrictBool = False
+    instances: StrictInt = Field(default=1, ge=1, le=64, description="Instances (per GPU when per_gpu).")
+    port: StrictInt | None = Field(default=None, ge=1, le=65535, description="Base port; instance i asks port+i.")
     readiness: ReadinessSpec = Field(default_factory=ReadinessSpec)
     restart: RestartSpec = Field(default_factory=RestartSpec)
     stop_signal: str = "SIGTERM"
     stop_timeout_s: float = Field(default=30.0, gt=0)
     capabilities: list[str] = Field(default_factory=list, description="Job-facing service names.")
     depends_on: list[str] = Field(default_factory=list)
-    required: bool = Field(default=True, description="A required service that is down makes the host degraded.")
+    required: StrictBool = Field(default=True, description="A required service that is down degrades the host.")
+
+    _env = field_validator("env")(_check_env)
+    _argv = field_validator("command")(_check_argv)
+
+    @field_validator("inherit_env")
+    @classmethod
+    def _env_names(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if not re.match(ENV_NAME_PATTERN, name):
+                raise ValueError(f"{name!r} is not a valid environment variable name")
+        return names
+
+    @model_validator(mode="after")
+    def _port_range(self) -> ServiceSpec:
+        if self.port is not None and self.port + self.instances - 1 > 65535:
+            raise ValueError(f"ports {self.port}..{self.port + self.instances - 1} go past 65535")
+        if self.readiness.kind in (ProbeKind.HTTP, ProbeKind.TCP) and self.port is None and not self.readiness.url:
+            raise ValueError(f"readiness kind '{self.readiness.kind.value}' needs the service's 'port' (or a url)")
+        return self
 
     @field_validator("stop_signal")
     @classmethod
@@ -141,6 +189,8 @@ class ModelSpec(_Frozen):
         path = Path(value)
         if path.is_absolute() or ".." in path.parts or not value.strip():
             raise ValueError("must be a relative path inside the model root (no '..')")
+        if value.endswith("/") or path.name in ("", ".") or "\0" in value:
+            raise ValueError("must name a file, e.g. checkpoints/model.safetensors")
         return value
 
 
@@ -152,6 +202,9 @@ class PrepareStep(_Frozen):
     env: dict[str, str] = Field(default_factory=dict)
     timeout_s: float = Field(default=1800.0, gt=0)
     creates: str | None = None
+
+    _env = field_validator("env")(_check_env)
+    _argv = field_validator("command")(_check_argv)
 
 
 class GpuRequirement(_Frozen):
@@ -172,6 +225,8 @@ class Profile(_Frozen):
     models: dict[str, ModelSpec] = Field(default_factory=dict)
     prepare: dict[str, PrepareStep] = Field(default_factory=dict)
     services: dict[str, ServiceSpec] = Field(default_factory=dict)
+
+    _env = field_validator("env")(_check_env)
 
 
 def resolve_profile_path(ref: str, profiles_dir: Path) -> Path:
@@ -251,13 +306,15 @@ def _read_toml(path: Path, problems: list[Problem], referrer: tuple[str, str] | 
 
 def _absolutise(data: dict[str, Any], base: Path) -> None:
     """Make `file:` model sources and relative working directories relative to the file that names them."""
-    for model in (data.get("models") or {}).values():
+    models = data.get("models")
+    for model in models.values() if isinstance(models, dict) else []:
         if isinstance(model, dict) and isinstance(model.get("url"), str):
             url = model["url"]
             if url.startswith("file:") and not url.startswith("file:/"):
                 model["url"] = (base / url[len("file:") :]).resolve().as_uri()
     for table in ("services", "prepare"):
-        for entry in (data.get(table) or {}).values():
+        entries = data.get(table)
+        for entry in entries.values() if isinstance(entries, dict) else []:
             if isinstance(entry, dict) and isinstance(entry.get("cwd"), str):
                 cwd = entry["cwd"]
                 if not cwd.startswith("/") and "{" not in cwd:
@@ -313,20 +370,32 @@ def _problems_from(exc: ValidationError, origin: dict[tuple[str, ...], str], def
 
 
 def _service_graph_problems(merged: dict[str, Any], origin: dict[tuple[str, ...], str], default: str) -> list[Problem]:
-    """Service names and `depends_on` (unknown names, cycles), checked on the raw data so that every problem is
-    reported together with the field errors."""
-    services = merged.get("services")
-    if not isinstance(services, dict):
-        return []
+    """Names of services, steps and models, and `depends_on` (unknown names, cycles), checked on the raw data so
+    that every problem is reported together with the field errors."""
     problems = []
 
     def report(loc: tuple[str, ...], message: str) -> None:
         problems.append(Problem(_source_of(loc, origin, default), ".".join(loc), message))
 
+    for table in ("prepare", "models"):
+        entries = merged.get(table)
+        for name in entries if isinstance(entries, dict) else []:
+            if not re.match(NAME_PATTERN, name):
+                report((table, name), f"name must match {NAME_PATTERN}")
+    services = merged.get("services")
+    if not isinstance(services, dict):
+        return problems
+
     graph: dict[str, list[str]] = {}
+    multi = {n for n, s in services.items() if isinstance(s, dict) and (s.get("per_gpu") or s.get("instances", 1) != 1)}
     for name, spec in services.items():
         if not re.match(NAME_PATTERN, name):
             report(("services", name), f"service name must match {NAME_PATTERN}")
+        elif name.startswith(RESERVED_PREFIX):
+            report(("services", name), f"names starting with {RESERVED_PREFIX!r} are reserved for the agent")
+        base, _, number = name.rpartition("-")
+        if base in multi and number.isdigit():
+            report(("services", name), f"clashes with instance {number} of service {base!r}")
         deps = spec.get("depends_on", []) if isinstance(spec, dict) else []
         deps = [d for d in deps if isinstance(d, str)] if isinstance(deps, list) else []
         for dep in deps:
@@ -368,11 +437,18 @@ def _missing_files(merged: dict[str, Any], origin: dict[tuple[str, ...], str], d
 
 
 def placeholders_in(text: str) -> set[str]:
-    """Names of `{placeholder}` fields in a template string (`{{` escapes a brace)."""
+    """Names of `{placeholder}` fields in a template string (`{{` escapes a brace); a format spec or conversion
+    (`{port:d}`, `{slot!r}`) is returned whole, so it is reported as unknown."""
     try:
-        return {field for _, field, _, _ in string.Formatter().parse(text) if field is not None}
+        parsed = list(string.Formatter().parse(text))
     except ValueError:
         return {"<unbalanced brace>"}
+    fields = set()
+    for _, field, spec, conversion in parsed:
+        if field is None:
+            continue
+        fields.add(field + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else ""))
+    return fields
 
 
 def _placeholder_problems(profile: Profile, origin: dict[tuple[str, ...], str], default: str) -> list[Problem]:
@@ -409,4 +485,10 @@ def _placeholder_problems(profile: Profile, origin: dict[tuple[str, ...], str], 
             check(("prepare", name, "command", str(i)), arg, None)
         for key, value in step.env.items():
             check(("prepare", name, "env", key), value, None)
+        for field in ("cwd", "creates"):
+            value = getattr(step, field)
+            if value:
+                check(("prepare", name, field), value, None)
+    for key, value in profile.env.items():
+        check(("env", key), value, None)
     return problems

@@ -242,7 +242,7 @@ def test_check_reports_each_problem_and_starts_nothing(short_tmp: Path) -> None:
     assert [
         f"error: {profile}: models.m.url: file not found: {short_tmp}/gone.bin",
         f"error: {profile}: services.web.comand: unknown field (typo?)",
-        f"error: {profile}: services.web.port: Input should be a valid integer, unable to parse string as an integer",
+        f"error: {profile}: services.web.port: Input should be a valid integer",
     ] == sorted(result.stderr.splitlines())
     assert not (short_tmp / "state").exists()
 

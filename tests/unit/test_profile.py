@@ -59,7 +59,7 @@ def test_typo_wrong_type_and_missing_file_each_get_one_line(tmp_path: Path) -> N
         load_profile(str(child), tmp_path)
 
     assert [
-        f"{base}: services.web.port: Input should be a valid integer, unable to parse string as an integer",
+        f"{base}: services.web.port: Input should be a valid integer",
         f"{child}: models.m.url: file not found: {tmp_path}/missing.bin",
         f"{child}: services.web.comand: unknown field (typo?)",
     ] == sorted(str(p) for p in caught.value.problems)
@@ -101,7 +101,7 @@ def test_dependency_problems_are_reported_with_field_errors(tmp_path: Path) -> N
     assert [
         f"{path}: services.a.depends_on: dependency cycle: a -> b -> a",
         f"{path}: services.a.depends_on: no service named 'ghost'",
-        f"{path}: services.b.port: Input should be a valid integer, unable to parse string as an integer",
+        f"{path}: services.b.port: Input should be a valid integer",
     ] == sorted(str(p) for p in caught.value.problems)
 
 
@@ -153,3 +153,34 @@ def test_demo_profile_uses_real_probes() -> None:
     profile = load_profile("demo", PROFILES)
 
     assert {ProbeKind.HTTP} == {s.readiness.kind for s in profile.services.values()}
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[services.a]\ncommand = ["x"]\ninstances = 2\n[services.a-1]\ncommand = ["y"]\n', "clashes with instance 1"),
+        ('[services.emp-registry]\ncommand = ["x"]\n', "reserved for the agent"),
+        ('[env]\nGLOBAL = "{nope}"\n', "unknown placeholder {nope}"),
+        ('[env]\nGLOBAL = "{port}"\n', "{port} is only available to services"),
+        ('[prepare.p]\ncommand = ["true"]\ncreates = "{bogus}/x"\n', "unknown placeholder {bogus}"),
+        ('[services.a]\ncommand = ["echo", "{state_dir:d}"]\n', "unknown placeholder {state_dir:d}"),
+        ('[services.a]\ncommand = ["echo", "{slot!r}"]\n', "unknown placeholder {slot!r}"),
+        ('[models.m]\nurl = "https://h/m"\ndest = "."\nsha256 = "' + "a" * 64 + '"\n', "must name a file"),
+        ('[services.a]\ncommand = ["x"]\nenv = { "A=B" = "x" }\n', "not a valid environment variable name"),
+        ('[services.a]\ncommand = [""]\n', "must not be empty"),
+        ('[services.a]\ncommand = ["x"]\nport = 65535\ninstances = 3\n', "go past 65535"),
+        ('[services.a]\ncommand = ["x"]\nper_gpu = "yes"\n', "valid boolean"),
+        ('[services.a]\ncommand = ["x"]\nreadiness = { kind = "http" }\n', "needs the service's 'port'"),
+        ('[prepare."x/../../escaped"]\ncommand = ["true"]\n', "name must match"),
+        ('models = ["x"]\n', "models: Input should be a valid dictionary"),
+        ('services = "nope"\n', "services: Input should be a valid dictionary"),
+    ],
+)
+def test_inputs_that_would_only_fail_at_run_time_are_rejected(tmp_path: Path, text: str, message: str) -> None:
+    """Everything that used to pass `check` and then crash a stage is caught by validation."""
+    write(tmp_path, "p.toml", text)
+
+    with pytest.raises(ConfigError) as caught:
+        load_profile("p", tmp_path)
+
+    assert message in str(caught.value)
