@@ -6,13 +6,17 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import Mapping, Sequence
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
 import psutil
 
 from agent.errors import SpawnError
+
+#: Set in every child's environment; inherited by its descendants, so escaped ones can still be found.
+TAG_VARIABLE = "EMP_SPAWN_TAG"
 
 
 class Child(Protocol):
@@ -37,6 +41,11 @@ class Child(Protocol):
         """True while any process of the child's group or tree is still alive."""
         ...
 
+    @property
+    def tag(self) -> str:
+        """The spawn tag in the environment of the child and all its descendants."""
+        ...
+
 
 class Launcher(Protocol):
     """Starts processes."""
@@ -45,8 +54,9 @@ class Launcher(Protocol):
 
 
 class _OsChild:
-    def __init__(self, process: asyncio.subprocess.Process) -> None:
+    def __init__(self, process: asyncio.subprocess.Process, tag: str) -> None:
         self._process = process
+        self.tag = tag
         self._known: dict[int, psutil.Process] = {}
 
     @property
@@ -57,12 +67,17 @@ class _OsChild:
         return await self._process.wait()
 
     def _remember_tree(self) -> None:
-        # Descendants that left our process group (setsid, double fork) are still found by parentage,
-        # as long as we look while their parents live; remember them for the final kill.
+        # Descendants that left our process group (setsid, double fork) are found by parentage while their
+        # parents live, and by the spawn tag in their environment after that.
         with contextlib.suppress(psutil.Error):
             root = psutil.Process(self.pid)
             for proc in root.children(recursive=True):
                 self._known.setdefault(proc.pid, proc)
+
+    def members(self) -> list[psutil.Process]:
+        """Every live process of this instance: its group, its remembered descendants, and tagged escapees."""
+        self._remember_tree()
+        return members_of(self.pid, self.tag, self._known.values())
 
     def signal_group(self, sig: int) -> None:
         self._remember_tree()
@@ -70,23 +85,33 @@ class _OsChild:
             os.killpg(self.pid, sig)
 
     def kill_tree(self) -> None:
-        self._remember_tree()
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signal.SIGKILL)
-        for proc in list(self._known.values()):
+        for proc in self.members():
             with contextlib.suppress(psutil.Error):
                 proc.kill()  # psutil checks the create time, so a recycled pid is never hit
 
     def group_alive(self) -> bool:
+        return bool(self.members())
+
+
+def members_of(pgid: int, tag: str | None, known: Iterable[psutil.Process] = ()) -> list[psutil.Process]:
+    """Live (non-zombie) processes in process group `pgid`, carrying `tag`, or among `known`."""
+    found: dict[int, psutil.Process] = {}
+    for proc in known:
+        if _alive(proc):
+            found[proc.pid] = proc
+    for proc in psutil.process_iter():
+        if proc.pid in found or proc.pid == os.getpid():
+            continue
         try:
-            os.killpg(self.pid, 0)
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            return True
-        else:
-            return _group_has_live_member(self.pid)
-        return any(_alive(proc) for proc in self._known.values())
+            in_group = os.getpgid(proc.pid) == pgid
+            tagged = tag is not None and not in_group and proc.environ().get(TAG_VARIABLE) == tag
+        except (ProcessLookupError, psutil.Error, OSError):
+            continue
+        if (in_group or tagged) and _alive(proc):
+            found[proc.pid] = proc
+    return list(found.values())
 
 
 def _alive(proc: psutil.Process) -> bool:
@@ -94,17 +119,6 @@ def _alive(proc: psutil.Process) -> bool:
         return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
-
-
-def _group_has_live_member(pgid: int) -> bool:
-    # killpg(…, 0) succeeds while an unreaped zombie leader remains; look for a member that still runs.
-    for proc in psutil.process_iter(["pid"]):
-        try:
-            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
-                return True
-        except (ProcessLookupError, psutil.Error):
-            continue
-    return False
 
 
 class ProcessLauncher:
@@ -116,13 +130,14 @@ class ProcessLauncher:
             log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
         except OSError as exc:
             raise SpawnError(f"cannot open log file {log_path}: {exc.strerror}") from None
+        tag = uuid.uuid4().hex
         try:
             process = await asyncio.create_subprocess_exec(
                 *argv,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log_fd,
                 stderr=asyncio.subprocess.STDOUT,
-                env=dict(env),
+                env={**env, TAG_VARIABLE: tag},
                 cwd=cwd,
                 start_new_session=True,
             )
@@ -136,4 +151,4 @@ class ProcessLauncher:
             raise SpawnError(f"cannot start {argv[0]!r}: {exc.strerror or exc}") from None
         finally:
             os.close(log_fd)
-        return _OsChild(process)
+        return _OsChild(process, tag)

@@ -4,14 +4,13 @@ crashed one left running (services would otherwise hold their ports and GPU memo
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
 from pathlib import Path
 from typing import Any
 
 import psutil
 import structlog
 
+from agent.host.launcher import members_of
 from agent.statefile import read_json, write_json_atomic
 
 log = structlog.get_logger(__name__)
@@ -28,13 +27,13 @@ class ProcessLedger:
         loaded = read_json(path)
         self._entries: dict[str, dict[str, Any]] = loaded if isinstance(loaded, dict) else {}
 
-    def spawned(self, name: str, pid: int) -> None:
-        """Record a new process group leader."""
+    def spawned(self, name: str, pid: int, tag: str | None = None) -> None:
+        """Record a new process group leader and the spawn tag its descendants carry."""
         try:
             created = psutil.Process(pid).create_time()
         except psutil.Error:
             return
-        self._entries[name] = {"pid": pid, "create_time": created}
+        self._entries[name] = {"pid": pid, "create_time": created, "tag": tag}
         self._save()
 
     def reaped(self, name: str) -> None:
@@ -50,19 +49,20 @@ class ProcessLedger:
         leftovers: dict[str, list[psutil.Process]] = {}
         for name, entry in self._entries.items():
             leader = _matching(entry)
-            if leader is None:
-                continue
+            tag = entry.get("tag") if isinstance(entry, dict) else None
+            procs = [leader] if leader is not None else []
             with contextlib.suppress(psutil.Error):
-                leftovers[name] = [leader, *leader.children(recursive=True)]
-        for name, (leader, *descendants) in leftovers.items():
-            log.warning(
-                "killing processes left by a previous agent",
-                instance=name,
-                pids=[leader.pid, *(p.pid for p in descendants)],
-            )
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(leader.pid, signal.SIGTERM)
-            for proc in descendants:
+                if leader is not None:
+                    procs += leader.children(recursive=True)
+            pgid = leader.pid if leader is not None else -1
+            if isinstance(tag, str) or leader is not None:
+                seen = {q.pid for q in procs}
+                procs += [p for p in members_of(pgid, tag if isinstance(tag, str) else None) if p.pid not in seen]
+            if procs:
+                leftovers[name] = procs
+        for name, procs in leftovers.items():
+            log.warning("killing processes left by a previous agent", instance=name, pids=[p.pid for p in procs])
+            for proc in procs:
                 with contextlib.suppress(psutil.Error):
                     proc.terminate()
         everything = [p for procs in leftovers.values() for p in procs]
@@ -72,9 +72,6 @@ class ProcessLedger:
                 proc.kill()
         if alive:
             psutil.wait_procs(alive, timeout=grace_s)
-        for procs in leftovers.values():
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(procs[0].pid, signal.SIGKILL)
         self._entries.clear()
         self._save()
         return sorted(leftovers)

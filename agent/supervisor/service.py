@@ -212,7 +212,7 @@ class ManagedService:
             return policy.ExitFacts(None, False, None, self._monotonic())
         self._child, self.pid, self._spawned_at = child, child.pid, self._monotonic()
         if self._ledger is not None:
-            self._ledger.spawned(self.spec.name, child.pid)
+            self._ledger.spawned(self.spec.name, child.pid, child.tag)
         exit_task = asyncio.create_task(child.wait())
         stop_task = asyncio.create_task(self._stop.wait())
         try:

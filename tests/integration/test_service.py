@@ -194,3 +194,26 @@ def test_on_failure_policy_leaves_a_clean_exit_alone(tmp_path: Path) -> None:
 
     assert ServiceState.EXITED == asyncio.run(scenario())
     assert 1 == starts.read_text().count("start")
+
+
+def test_processes_that_escape_to_their_own_session_are_killed_when_the_main_process_exits(tmp_path: Path) -> None:
+    """A service that starts a setsid'd helper and exits leaves nothing behind, restart after restart."""
+    marker = tmp_path / "helper.pids"
+    script = f"setsid sh -c 'echo $$ >> {marker}; exec sleep 777' & sleep 0.2; exit 1"
+    spec = ServiceSpec(
+        command=["sh", "-c", script],
+        readiness=ReadinessSpec(start_seconds=0),
+        restart=RestartSpec(backoff_initial_s=0.05, jitter=0, crash_loop_limit=3, fatal_retry_s=None),
+    )
+    table = table_with(tmp_path, leaky=spec)
+
+    async def scenario() -> None:
+        await table.start_all()
+        service = table.get("leaky")
+        await await_until(lambda: service.state is ServiceState.FATAL, 30, what="FATAL")
+
+    asyncio.run(scenario())
+
+    helpers = [int(p) for p in marker.read_text().split()]
+    assert 3 == len(helpers)
+    assert [] == [pid for pid in helpers if not gone(pid)]
