@@ -156,11 +156,10 @@ def _run(args: argparse.Namespace) -> int:
     assert profile is not None  # _load raised otherwise
     masker = SecretMasker()
     if settings.redis_url is not None:
-        from urllib.parse import urlsplit
+        from agent.redact import url_secrets
 
-        password = urlsplit(settings.redis_url.get_secret_value()).password
-        if password:
-            masker.add(password)
+        for secret in url_secrets(settings.redis_url.get_secret_value()):
+            masker.add(secret)
     for service in profile.services.values():
         for name in service.inherit_env:
             if os.environ.get(name):

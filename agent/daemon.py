@@ -23,6 +23,7 @@ from agent.errors import AgentError, ConfigError, Problem, RegistryError
 from agent.host.download import UrlFetcher
 from agent.host.gpu import GpuProbe, NvmlProbe
 from agent.host.launcher import Launcher, ProcessLauncher
+from agent.host.lock import DirectoryLock
 from agent.identity import boot_id, instance_id, machine_id
 from agent.machine import Phase, compute_phase
 from agent.modelstore import ModelStore
@@ -40,6 +41,8 @@ log = structlog.get_logger(__name__)
 EXIT_OK = 0
 EXIT_FORCED = 1
 REGISTRY_START_TIMEOUT_S = 30.0
+#: Shutdown never waits longer than this for a hung Redis to take the "stopping" beat.
+LAST_BEAT_TIMEOUT_S = 2.0
 
 
 class Agent:
@@ -76,6 +79,8 @@ class Agent:
         self._signals = 0
         self._registry_url: str | None = None
         self._published_phase: Phase | None = None
+        self._registry: RedisRegistry | None = None
+        self._startup_error: str | None = None
         self.pipeline: Pipeline | None = None
         self.ctx: BootstrapContext | None = None
         self.heartbeat: Heartbeat | None = None
@@ -85,14 +90,26 @@ class Agent:
     async def run(self) -> int:
         """Startup, main loop until a signal, ordered shutdown."""
         self._make_dirs()
-        self.machine_id = machine_id(self.settings.machine_id, self.settings.state_dir)
+        locks = self._lock_dirs()
+        try:
+            return await self._run_locked()
+        finally:
+            for lock in locks:
+                lock.release()
+
+    async def _run_locked(self) -> int:
+        try:
+            self.machine_id = machine_id(self.settings.machine_id, self.settings.state_dir)
+        except OSError as exc:
+            problem = Problem("settings", "EMP_AGENT_STATE_DIR", f"cannot keep the machine id: {exc}")
+            raise ConfigError([problem]) from None
         structlog.contextvars.bind_contextvars(machine_id=self.machine_id)
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, self.handle_exit, sig)
         api = ControlApi(self.settings.control_socket, self.status)
-        await api.start()  # refuses when another agent is live, so the sweep below never hits its services
-        leftovers = await asyncio.to_thread(self.ledger.sweep)
+        await api.start()
+        leftovers = await asyncio.to_thread(self.ledger.sweep)  # we hold the locks: these are no live agent's
         if leftovers:
             log.warning("cleaned up after a previous agent that did not stop cleanly", instances=leftovers)
         log.info(
@@ -103,29 +120,54 @@ class Agent:
             socket=str(self.settings.control_socket),
         )
         fetcher = UrlFetcher(self.settings.ca_bundle)
-        registry: RedisRegistry | None = None
-        pipeline_task: asyncio.Task[bool] | None = None
+        startup = asyncio.create_task(self._startup(fetcher), name="startup")
         try:
-            registry = RedisRegistry(await self._registry_url_or_embedded())
-            self.heartbeat = Heartbeat(registry, self.machine_id, self.settings.heartbeat_interval_s, self.record)
-            self.ctx = BootstrapContext(
-                settings=self.settings,
-                profile=self.profile,
-                machine_id=self.machine_id,
-                paths=self.paths,
-                table=self.table,
-                gpu_probe=self._gpu_probe,
-                models=ModelStore(self.settings.model_root, self.settings.state_dir / "models.json", fetcher),
-                registrar=self.heartbeat,
-                agent_env=self._environ,
-            )
-            self.pipeline = Pipeline(self._stages, self.settings.state_dir / "bootstrap.json", self._on_event)
-            pipeline_task = asyncio.create_task(self.pipeline.run(self.ctx), name="bootstrap")
-            pipeline_task.add_done_callback(self._after_bootstrap)
             await self._shutdown.wait()
         finally:
-            code = await self._teardown(pipeline_task, registry, api, fetcher)
+            code = await self._teardown(startup, api, fetcher)
         return code
+
+    def _lock_dirs(self) -> list[DirectoryLock]:
+        """One agent per state dir and per runtime dir; a second one stops here, before touching anything."""
+        dirs = {self.settings.state_dir.resolve(), self.settings.runtime_dir.resolve()}
+        held: list[DirectoryLock] = []
+        try:
+            for directory in sorted(dirs):
+                lock = DirectoryLock(directory)
+                lock.acquire()
+                held.append(lock)
+        except BaseException:
+            for lock in held:
+                lock.release()
+            raise
+        return held
+
+    async def _startup(self, fetcher: UrlFetcher) -> None:
+        """Registry, then the bootstrap pipeline; cancelled as a whole when shutdown is requested."""
+        try:
+            url = await self._registry_url_or_embedded()
+        except AgentError as exc:
+            log.error("no registry", error=str(exc))
+            self._startup_error = str(exc)
+            return
+        self._registry = RedisRegistry(url)
+        self.heartbeat = Heartbeat(self._registry, self.machine_id, self.settings.heartbeat_interval_s, self.record)
+        self.ctx = BootstrapContext(
+            settings=self.settings,
+            profile=self.profile,
+            machine_id=self.machine_id,
+            paths=self.paths,
+            table=self.table,
+            gpu_probe=self._gpu_probe,
+            models=ModelStore(self.settings.model_root, self.settings.state_dir / "models.json", fetcher),
+            registrar=self.heartbeat,
+            agent_env=self._environ,
+        )
+        self.pipeline = Pipeline(self._stages, self.settings.state_dir / "bootstrap.json", self._on_event)
+        await self.pipeline.run(self.ctx)
+        phase, reasons = self.phase()
+        log.info("bootstrap finished", phase=phase.value, reasons=reasons)
+        self._kick_if_phase_changed()
 
     def handle_exit(self, sig: int) -> None:
         """Signal handler: the first signal asks for an ordered shutdown, the second forces it."""
@@ -138,16 +180,6 @@ class Agent:
             self._force.set()
             self.table.force_kill_all()
 
-    def _after_bootstrap(self, task: asyncio.Task[bool]) -> None:
-        if task.cancelled():
-            return
-        if task.exception() is not None:
-            log.error("bootstrap crashed", error=repr(task.exception()))
-            return
-        phase, reasons = self.phase()
-        log.info("bootstrap finished", phase=phase.value, reasons=reasons)
-        self._kick_if_phase_changed()
-
     def _kick_if_phase_changed(self) -> None:
         """Publish at once when the phase changes, instead of waiting for the next heartbeat."""
         phase, _ = self.phase()
@@ -155,25 +187,20 @@ class Agent:
             self._published_phase = phase
             self.heartbeat.kick()
 
-    async def _teardown(
-        self,
-        pipeline_task: asyncio.Task[bool] | None,
-        registry: RedisRegistry | None,
-        api: ControlApi,
-        fetcher: UrlFetcher,
-    ) -> int:
+    async def _teardown(self, startup: asyncio.Task[None], api: ControlApi, fetcher: UrlFetcher) -> int:
         self._stopping = True
         log.info("stopping", phase=Phase.STOPPING.value)
-        if pipeline_task is not None and not pipeline_task.done():
-            pipeline_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await pipeline_task
+        if not startup.done():
+            startup.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await startup
         if self.heartbeat is not None:
-            with contextlib.suppress(RegistryError):
-                await self.heartbeat.beat()  # publish "stopping" before the record goes
+            with contextlib.suppress(RegistryError, TimeoutError):
+                async with asyncio.timeout(LAST_BEAT_TIMEOUT_S):
+                    await self.heartbeat.beat()  # publish "stopping" before the record goes
             await self.heartbeat.stop(deregister=True)
-        if registry is not None:
-            await registry.aclose()
+        if self._registry is not None:
+            await self._registry.aclose()
         await self.table.stop_all()
         await fetcher.aclose()
         await api.stop()
@@ -222,7 +249,7 @@ class Agent:
         failure = self.pipeline.fatal_failure() if self.pipeline else None
         return compute_phase(
             stopping=self._stopping,
-            fatal_error=f"stage {failure.name} failed: {failure.error}" if failure else None,
+            fatal_error=f"stage {failure.name} failed: {failure.error}" if failure else self._startup_error,
             pipeline_finished=bool(self.pipeline and self.pipeline.finished),
             degraded=self.ctx.degraded if self.ctx else {},
             unhealthy_services=self.table.unhealthy_required(),

@@ -26,8 +26,8 @@ def configure_logging(
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        masker or SecretMasker(),
         structlog.processors.format_exc_info,
+        masker or SecretMasker(),  # after format_exc_info, so exception text is masked too
         renderer,
     ]
     structlog.configure(

@@ -59,7 +59,14 @@ class ModelStore:
         self._index: dict[str, dict[str, Any]] = loaded if isinstance(loaded, dict) else {}
 
     def plan(self, models: dict[str, ModelSpec]) -> dict[str, ModelSpec]:
-        """The models that must be fetched, after checking free disk space for all of them."""
+        """The models that must be fetched, after checking free disk space for all of them. Temp files left by
+        an agent that was killed mid-download are removed first (the caller holds the state-dir lock)."""
+        for spec in models.values():
+            dest = self.root / spec.dest
+            for stale in dest.parent.glob(f".{dest.name}.part-*") if dest.parent.is_dir() else []:
+                with contextlib.suppress(OSError):
+                    stale.unlink()
+                    log.info("removed a partial download left by a killed agent", path=str(stale))
         needed = {name: spec for name, spec in models.items() if not self.is_verified(spec)}
         required = sum(spec.size or 0 for spec in needed.values())
         if required:
@@ -81,7 +88,7 @@ class ModelStore:
         if spec.size is not None and stat.st_size != spec.size:
             return False
         known = self._index.get(spec.dest)
-        if known and known.get("size") == stat.st_size and known.get("mtime_ns") == stat.st_mtime_ns:
+        if isinstance(known, dict) and known.get("size") == stat.st_size and known.get("mtime_ns") == stat.st_mtime_ns:
             return bool(known.get("sha256") == spec.sha256)
         digest = _hash_file(dest)
         self._remember(spec.dest, dest, digest)

@@ -4,23 +4,43 @@ from __future__ import annotations
 
 from collections.abc import Iterable, MutableMapping
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 MASK = "***"
 #: Event keys whose values are always masked, whatever they hold.
 SECRET_KEYS = frozenset({"password", "token", "secret", "authorization", "api_key", "redis_url"})
 
 
-def redact_url(url: str) -> str:
-    """Replace a URL's password (or a lone token user) with ***; drop nothing else."""
+#: Query parameters that carry credentials (redis-py accepts `?password=`).
+SECRET_PARAMS = frozenset({"password", "pass", "passwd", "token", "secret", "auth", "access_token"})
+
+
+def url_secrets(url: str) -> list[str]:
+    """The credential values inside a URL: its password and secret query parameters."""
     parts = urlsplit(url)
-    if parts.password is None and parts.username is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    userinfo = f"{parts.username}:{MASK}" if parts.password is not None else MASK
-    return urlunsplit((parts.scheme, f"{userinfo}@{host}", parts.path, parts.query, parts.fragment))
+    found = [parts.password] if parts.password else ([parts.username] if parts.username else [])
+    found += [v for k, v in parse_qsl(parts.query, keep_blank_values=False) if k.lower() in SECRET_PARAMS and v]
+    return found
+
+
+def redact_url(url: str) -> str:
+    """Replace a URL's password (or a lone token user) and secret query parameters with ***."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hostport = netloc.rpartition("@")
+        user = userinfo.split(":", 1)[0] if ":" in userinfo else ""
+        netloc = f"{user}:{MASK}@{hostport}" if ":" in userinfo else f"{MASK}@{hostport}"
+    query = urlencode(
+        [(k, MASK if k.lower() in SECRET_PARAMS else v) for k, v in parse_qsl(parts.query, keep_blank_values=True)],
+        safe="*",
+    )
+    text = (
+        f"{parts.scheme}://{netloc}{parts.path}"
+        if "//" in url
+        else urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    )
+    return text + (f"?{query}" if query else "") + (f"#{parts.fragment}" if parts.fragment else "")
 
 
 def redact_source(url: str) -> str:
@@ -51,10 +71,20 @@ class SecretMasker:
                 text = text.replace(secret, MASK)
         return text
 
+    def scrub(self, value: Any) -> Any:
+        """Mask secrets inside strings, lists, tuples and dicts."""
+        if isinstance(value, str):
+            return self.mask(value)
+        if isinstance(value, list | tuple):
+            return type(value)(self.scrub(v) for v in value)
+        if isinstance(value, dict):
+            return {k: MASK if str(k).lower() in SECRET_KEYS else self.scrub(v) for k, v in value.items()}
+        return value
+
     def __call__(self, logger: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
         for key, value in list(event.items()):
             if key.lower() in SECRET_KEYS and value is not None:
                 event[key] = MASK
-            elif isinstance(value, str):
-                event[key] = self.mask(value)
+            else:
+                event[key] = self.scrub(value)
         return event

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from agent.errors import ConfigError, Problem
@@ -19,6 +19,8 @@ from agent.redact import redact_url
 ENV_PREFIX = "EMP_AGENT_"
 DEFAULT_CONFIG_PATH = Path("/etc/emp-agent/agent.toml")
 CONFIG_PATH_VARIABLE = "EMP_AGENT_CONFIG"
+#: Linux limits unix socket paths to 108 bytes including the terminating NUL.
+MAX_SOCKET_PATH = 107
 
 
 class LogFormat(StrEnum):
@@ -62,10 +64,24 @@ class Settings(BaseSettings):
     def _check_redis_scheme(cls, value: SecretStr | None) -> SecretStr | None:
         if value is None:
             return None
-        raw = value.get_secret_value()
-        if urlsplit(raw).scheme not in {"redis", "rediss", "unix"}:
+        parts = urlsplit(value.get_secret_value())
+        if parts.scheme not in {"redis", "rediss", "unix"}:
             raise ValueError("must start with redis://, rediss:// or unix://")
+        try:
+            parts.port  # noqa: B018 - parsing the port is the check
+        except ValueError:
+            raise ValueError("the port is not a number (is a '/' or '@' in the password not %-encoded?)") from None
         return value
+
+    @model_validator(mode="after")
+    def _socket_paths_fit(self) -> Settings:
+        sockets = [("runtime_dir", self.control_socket)]
+        if self.redis_url is None:
+            sockets.append(("state_dir", self.state_dir.absolute() / "registry" / "redis.sock"))
+        for field, path in sockets:
+            if len(str(path.absolute())) > MAX_SOCKET_PATH:
+                raise ValueError(f"{field} is too long for the unix socket {path} ({MAX_SOCKET_PATH} bytes at most)")
+        return self
 
     @classmethod
     def settings_customise_sources(
@@ -136,6 +152,7 @@ def _problems_from(exc: ValidationError, path: Path, env: Mapping[str, str]) -> 
         field = ".".join(str(part) for part in error["loc"])
         variable = ENV_PREFIX + str(error["loc"][0]).upper() if error["loc"] else ""
         message = "unknown setting (typo?)" if error["type"] == "extra_forbidden" else error["msg"]
+        message = message.removeprefix("Value error, ")
         if variable in env:
             problems.append(Problem("environment", variable, message))
         else:

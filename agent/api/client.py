@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from agent.errors import AgentNotRunning
+from agent.errors import AgentError, AgentNotRunning
 
 DEFAULT_RUNTIME_DIR = "/run/emp-agent"
 DEFAULT_CONFIG = "/etc/emp-agent/agent.toml"
@@ -58,10 +58,14 @@ def request_json(socket_path: Path, method: str, path: str, timeout: float = 10.
     except (FileNotFoundError, ConnectionRefusedError) as exc:
         raise AgentNotRunning(f"emp-agent is not running (nothing answers on {socket_path}: {exc.strerror})") from None
     except PermissionError:
-        raise AgentNotRunning(
+        raise AgentError(
             f"permission denied on {socket_path}: run as root or a member of the emp-agent group"
         ) from None
+    except TimeoutError:
+        raise AgentError(
+            f"the agent on {socket_path} did not answer within {timeout:g}s (stopped or overloaded?)"
+        ) from None
     except (OSError, http.client.HTTPException, ValueError) as exc:
-        raise AgentNotRunning(f"the agent on {socket_path} did not answer properly: {exc}") from None
+        raise AgentNotRunning(f"nothing usable answers on {socket_path}: {exc}") from None
     finally:
         conn.close()

@@ -68,8 +68,10 @@ class ControlApi:
 
 
 def _clear_stale_socket(path: Path) -> None:
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         return
+    if not path.is_socket():
+        raise AgentError(f"{path} exists and is not a socket; remove it or choose another EMP_AGENT_RUNTIME_DIR")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         probe.settimeout(1.0)
         try:

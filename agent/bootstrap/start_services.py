@@ -23,10 +23,9 @@ class StartServices:
         for spec in instances:
             ctx.table.add(spec)
         ctx.service_names = [spec.name for spec in instances]
-        skipped = await ctx.table.start_all(ctx.service_names)
-        for name, reason in skipped.items():
-            ctx.degraded[f"service {name}"] = f"not started: {reason}"
-        return f"{len(instances) - len(skipped)} of {len(instances)} instance(s) started"
+        waiting = await ctx.table.start_all(ctx.service_names)
+        detail = f"{len(instances) - len(waiting)} of {len(instances)} instance(s) started"
+        return detail + (f", {len(waiting)} waiting for a dependency" if waiting else "")
 
 
 class WaitReady:

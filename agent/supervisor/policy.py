@@ -27,10 +27,15 @@ class ExitFacts:
 
 
 def is_failure(spec: RestartSpec, facts: ExitFacts) -> bool:
-    """A failed start, a signal death or an exit code outside the expected set."""
+    """A failed start, a signal death, an exit code outside the expected set, or (policy `always`) any exit
+    sooner than `healthy_reset_s` after readiness: a service that keeps exiting cleanly is flapping too."""
     if facts.returncode is None or not facts.was_ready:
         return True
-    return facts.returncode not in spec.expected_exit_codes
+    if facts.returncode not in spec.expected_exit_codes:
+        return True
+    if spec.policy is RestartPolicy.ALWAYS and facts.ready_since is not None:
+        return facts.ended_at - facts.ready_since < spec.healthy_reset_s
+    return False
 
 
 def failures_after(spec: RestartSpec, facts: ExitFacts, failures: int) -> int:
@@ -53,9 +58,9 @@ def verdict(spec: RestartSpec, facts: ExitFacts, failures: int) -> Verdict:
 
 
 def backoff_delay(spec: RestartSpec, failures: int, unit_random: float) -> float:
-    """Exponential delay with jitter, capped; `unit_random` in [0, 1) comes from the caller's RNG."""
-    if failures <= 0:
-        return 0.0
+    """Exponential delay with jitter, capped; never less than about backoff_initial_s, even after a clean exit.
+    `unit_random` in [0, 1) comes from the caller's RNG."""
+    failures = max(failures, 1)
     base = min(spec.backoff_initial_s * spec.backoff_factor ** (failures - 1), spec.backoff_max_s)
     jittered = base * (1 + spec.jitter * (2 * unit_random - 1))
     return max(0.0, min(jittered, spec.backoff_max_s))

@@ -105,6 +105,12 @@ class ManagedService:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), remaining)
 
+    async def wait_running(self) -> None:
+        """Wait, without a deadline, until the instance is RUNNING (it may be FATAL for a while first)."""
+        while self.state is not ServiceState.RUNNING:
+            changed = self._changed
+            await changed.wait()
+
     def snapshot(self) -> dict[str, Any]:
         """The instance as status shows it."""
         now = self._monotonic()

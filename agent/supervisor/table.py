@@ -35,6 +35,7 @@ class ProcessTable:
         self._ledger = ledger
         self._monotonic = monotonic
         self._services: dict[str, ManagedService] = {}
+        self._deferred: dict[str, asyncio.Task[None]] = {}
         self._listeners: list[EventSink] = [on_event] if on_event else []
         self.events: deque[dict[str, Any]] = deque(maxlen=EVENT_HISTORY)
 
@@ -70,25 +71,36 @@ class ProcessTable:
         """Every instance of one service."""
         return [s for s in self._services.values() if s.spec.service == service]
 
-    async def start_all(self, names: Iterable[str] | None = None) -> dict[str, str]:
-        """Start instances in order, each after its dependencies are ready; returns name -> reason not started."""
-        skipped: dict[str, str] = {}
+    async def start_all(self, names: Iterable[str] | None = None) -> list[str]:
+        """Start instances in order, each once its dependencies are ready. An instance whose dependency is not
+        ready within the dependency's start timeout is started later, as soon as it is; returns their names."""
+        waiting = []
         for name in names if names is not None else self.names():
             service = self._services[name]
             blocker = await self._dependencies_ready(service)
-            if blocker:
-                skipped[name] = blocker
-                log.warning("not starting: dependency not ready", instance=name, reason=blocker)
+            if blocker is None:
+                service.start()
                 continue
-            service.start()
-        return skipped
+            service.last_error = f"waiting for {blocker}"
+            log.warning("start deferred until its dependency is ready", instance=name, reason=blocker)
+            self._deferred[name] = asyncio.create_task(self._start_when_ready(service), name=f"deferred:{name}")
+            waiting.append(name)
+        return waiting
 
     async def _dependencies_ready(self, service: ManagedService) -> str | None:
         for dep in service.spec.depends_on:
             for instance in self.instances_of(dep):
                 if not await instance.wait_ready(instance.spec.start_timeout_s):
-                    return f"dependency {instance.spec.name} is {instance.state.value}"
+                    return f"dependency {instance.spec.name} ({instance.state.value})"
         return None
+
+    async def _start_when_ready(self, service: ManagedService) -> None:
+        for dep in service.spec.depends_on:
+            for instance in self.instances_of(dep):
+                await instance.wait_running()
+        self._deferred.pop(service.spec.name, None)
+        service.last_error = None
+        service.start()
 
     async def wait_ready(self, names: Iterable[str], timeout_s: float) -> dict[str, str]:
         """Wait (in parallel) until each named instance is RUNNING; returns name -> why not, for the failures."""
@@ -101,9 +113,20 @@ class ProcessTable:
         }
 
     async def stop_all(self) -> None:
-        """Stop in reverse start order; each instance only after its dependents are down."""
+        """Stop service by service in reverse start order (dependents first); the instances of one service stop
+        in parallel, so shutdown takes one stop timeout per service, not one per instance."""
+        for task in self._deferred.values():
+            task.cancel()
+        self._deferred.clear()
+        groups: list[list[ManagedService]] = []
         for name in reversed(self.names()):
-            await self._services[name].stop()
+            service = self._services[name]
+            if groups and groups[-1][0].spec.service == service.spec.service:
+                groups[-1].append(service)
+            else:
+                groups.append([service])
+        for group in groups:
+            await asyncio.gather(*(service.stop() for service in group))
 
     def force_kill_all(self) -> None:
         """SIGKILL every tree at once (second signal during shutdown)."""

@@ -76,3 +76,14 @@ def test_a_second_agent_is_refused_and_a_stale_socket_is_replaced(short_tmp: Pat
         return code
 
     assert 200 == asyncio.run(restart())
+
+
+def test_a_regular_file_at_the_socket_path_is_not_deleted(short_tmp: Path) -> None:
+    """Something that is not a socket at the control socket path is an error, and is left alone."""
+    path = short_tmp / "agent.sock"
+    path.write_text("precious")
+
+    with pytest.raises(AgentError, match="is not a socket"):
+        asyncio.run(ControlApi(path, status).start())
+
+    assert "precious" == path.read_text()

@@ -288,3 +288,29 @@ def test_agent_restarted_after_sigkill_cleans_up_the_orphans(agent_dirs: Path) -
         assert "cleaned up after a previous agent" in (agent_dirs / "agent.log").read_text()
     finally:
         assert 0 == second.stop()
+
+
+@pytest.mark.slow
+def test_one_agent_per_state_dir_and_sighup_stops_cleanly(agent_dirs: Path) -> None:
+    """A second agent on the same state dir is refused before touching anything; SIGHUP (a closed SSH
+    session) shuts the first one down in order instead of orphaning its services."""
+    first = AgentProcess(agent_dirs, REPO / "profiles" / "demo.toml")
+    try:
+        status = first.wait_phase("ready")
+        second = subprocess.run(
+            [sys.executable, "-m", "agent", "run"],
+            env={**first.env, "EMP_AGENT_RUNTIME_DIR": str(agent_dirs / "run2")},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert 1 == second.returncode
+        assert f"another emp-agent (pid {first.process.pid}) is using {agent_dirs}/state" in second.stderr
+        pids = [s["pid"] for s in status["services"]]
+        first.process.send_signal(signal.SIGHUP)
+        code = first.process.wait(60)
+    finally:
+        first.stop()
+
+    assert 0 == code
+    assert [] == [pid for pid in pids if alive(pid)]

@@ -217,3 +217,59 @@ def test_processes_that_escape_to_their_own_session_are_killed_when_the_main_pro
     helpers = [int(p) for p in marker.read_text().split()]
     assert 3 == len(helpers)
     assert [] == [pid for pid in helpers if not gone(pid)]
+
+
+def test_dependent_starts_once_its_dependency_recovers(tmp_path: Path) -> None:
+    """A worker whose ComfyUI is FATAL at boot starts by itself once the ComfyUI comes up later."""
+    flag = tmp_path / "binary-installed"
+    dep = ServiceSpec(
+        command=[
+            "sh",
+            "-c",
+            f'test -f {flag} || exit 1; exec "$0" "$1" "$2"',
+            sys.executable,
+            str(PROGRAMS / "hang.py"),
+            str(tmp_path / "a.pid"),
+        ],
+        readiness=ReadinessSpec(start_seconds=0.1, timeout_s=1),
+        restart=RestartSpec(backoff_initial_s=0.05, jitter=0, crash_loop_limit=2, fatal_retry_s=0.3),
+    )
+    worker = ServiceSpec(
+        command=[sys.executable, str(PROGRAMS / "hang.py"), str(tmp_path / "b.pid")],
+        depends_on=["comfy"],
+        readiness=ReadinessSpec(start_seconds=0.1),
+    )
+    table = table_with(tmp_path, comfy=dep, worker=worker)
+
+    async def scenario() -> list[ServiceState]:
+        waiting = await table.start_all()
+        assert ["worker"] == waiting
+        assert "waiting for dependency comfy" in (table.get("worker").last_error or "")
+        flag.touch()
+        await await_until(lambda: table.get("worker").state is ServiceState.RUNNING, 30, what="worker running")
+        states = [table.get("comfy").state, table.get("worker").state]
+        await table.stop_all()
+        return states
+
+    assert [ServiceState.RUNNING, ServiceState.RUNNING] == asyncio.run(scenario())
+
+
+def test_instances_of_one_service_stop_in_parallel(tmp_path: Path) -> None:
+    """Three instances ignoring SIGTERM are all STOPPING before the first is STOPPED (one timeout, not three)."""
+    spec = ServiceSpec(
+        command=["{python}", str(PROGRAMS / "stubborn.py"), str(tmp_path / "pids-{slot}")],
+        instances=3,
+        stop_timeout_s=0.5,
+        readiness=ReadinessSpec(kind=ProbeKind.COMMAND, command=["test", "-s", str(tmp_path / "pids-{slot}")]),
+    )
+    table = table_with(tmp_path, stubborn=spec)
+
+    async def scenario() -> None:
+        await table.start_all()
+        assert {} == await table.wait_ready(table.names(), 30)
+        await table.stop_all()
+
+    asyncio.run(scenario())
+
+    order = [e["to"] for e in table.events if e["to"] in ("STOPPING", "STOPPED")]
+    assert ["STOPPING"] * 3 + ["STOPPED"] * 3 == order

@@ -64,6 +64,23 @@ def test_policies(policy: RestartPolicy, code: int, expected: Verdict) -> None:
     assert expected == verdict(spec, facts, failures_after(spec, facts, 0))
 
 
+def test_clean_exits_soon_after_ready_are_flapping_under_always() -> None:
+    """`always`: exiting 0 a second after ready counts toward backoff and the crash-loop limit; after a
+    healthy period it does not."""
+    quick = ExitFacts(0, True, ready_since=100.0, ended_at=101.0)
+    late = ExitFacts(0, True, ready_since=100.0, ended_at=200.0)
+
+    assert (1, 0) == (failures_after(SPEC, quick, 0), failures_after(SPEC, late, 0))
+    assert Verdict.GIVE_UP == verdict(SPEC, quick, failures_after(SPEC, quick, 2))
+
+
+def test_a_restart_always_waits_at_least_the_initial_backoff() -> None:
+    """Even with no failure counted, a restart is never immediate (no busy restart loop)."""
+    spec = SPEC.model_copy(update={"jitter": 0.0})
+
+    assert 1.0 == backoff_delay(spec, 0, 0.5)
+
+
 def test_only_legal_transitions_are_allowed() -> None:
     """STOPPED cannot jump to RUNNING; STARTING can become RUNNING."""
     check_transition(ServiceState.STARTING, ServiceState.RUNNING)

@@ -34,3 +34,31 @@ def test_log_lines_mask_known_secret_values_and_secret_keys() -> None:
     line = json.loads(out.getvalue())
     assert ("fetch failed for ***", "***", "https://h/x") == (line["event"], line["token"], line["url"])
     assert "hf_abcdefghijkl" not in out.getvalue()
+
+
+def test_password_in_the_query_string_is_masked_too() -> None:
+    """redis-py accepts ?password=; it is masked like the userinfo form and reported as a secret."""
+    from agent.redact import url_secrets
+
+    url = "unix:///run/r.sock?db=0&password=S3cretPW99"
+
+    assert "unix:///run/r.sock?db=0&password=***" == redact_url(url)
+    assert ["S3cretPW99"] == url_secrets(url)
+
+
+def test_masker_reaches_into_lists_and_exception_text() -> None:
+    """A secret inside a list field or inside a logged exception's message is masked."""
+    out = io.StringIO()
+    configure_logging("info", "json", SecretMasker(["S3cretPW99"]), stream=out)
+    log = structlog.get_logger("t")
+
+    log.info("finished", reasons=["registry: redis://:S3cretPW99@h refused"])
+    try:
+        raise ValueError("bad url redis://:S3cretPW99@h")
+    except ValueError:
+        log.exception("crashed")
+
+    finished, crashed = (json.loads(line) for line in out.getvalue().splitlines())
+    assert "S3cretPW99" not in out.getvalue()
+    assert ["registry: redis://:***@h refused"] == finished["reasons"]
+    assert crashed["exception"].endswith("ValueError: bad url redis://:***@h")

@@ -73,3 +73,22 @@ def test_status_client_finds_the_socket_like_settings_does(tmp_path: Path) -> No
     assert Path(DEFAULT_RUNTIME_DIR) / "agent.sock" == locate_socket({}, "/nonexistent.toml")
     assert tmp_path / "agent.sock" == locate_socket({}, str(config))
     assert Path("/x/agent.sock") == locate_socket({"EMP_AGENT_RUNTIME_DIR": "/x"}, str(config))
+
+
+def test_socket_paths_that_do_not_fit_are_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A runtime dir so deep that the control socket path exceeds the kernel limit is refused up front."""
+    monkeypatch.setenv("EMP_AGENT_RUNTIME_DIR", "/tmp/" + "x" * 110)
+
+    with pytest.raises(ConfigError, match="runtime_dir is too long for the unix socket"):
+        load_settings(None)
+
+
+def test_unencoded_slash_in_the_password_is_reported_without_the_password(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A password with a raw '/' breaks the URL; the error explains it and never echoes the password."""
+    monkeypatch.setenv("EMP_AGENT_REDIS_URL", "redis://:S3cret/PW99@127.0.0.1:6390/0")
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings(None)
+
+    assert "%-encoded" in str(caught.value)
+    assert "S3cret" not in str(caught.value)
