@@ -178,10 +178,14 @@ def test_failed_boot_is_visible_in_status_and_redis_and_sigterm_deregisters(
     )
     client = redis_server.client()
     try:
-        status = agent.wait_phase("failed")
-        assert ["done", "failed", "skipped", "skipped", "skipped", "done", "skipped"] == [
-            s["state"] for s in status["stages"]
-        ]
+        agent.wait_phase("failed")
+        expected = ["done", "failed", "skipped", "skipped", "skipped", "done", "skipped"]
+        status = wait_until(
+            lambda: (s := agent.status()) and [st["state"] for st in s["stages"]] == expected and s,
+            30,
+            interval=0.2,
+            what="bootstrap to finish",
+        )
         assert "sha256 mismatch" in status["reasons"][0]
         assert [] == status["services"]
         stored = wait_until(lambda: client.hgetall(keys.machine_key("e2e-failed")), 20, what="record in redis")
