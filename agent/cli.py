@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from agent.settings import Settings
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_PARTIAL = 0, 1, 2, 3, 4
+#: A stop waits for the whole tree to go; stop timeouts of GPU services run to minutes.
+CONTROL_TIMEOUT_S = 900.0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,6 +45,16 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", parents=[common], help="show the running agent's state")
     status.add_argument("--json", action="store_true", help="print the status document as JSON")
     status.add_argument("--socket", type=Path, help="control socket (default: <runtime_dir>/agent.sock)")
+    socket_opt = argparse.ArgumentParser(add_help=False)
+    socket_opt.add_argument("--socket", type=Path, help="control socket (default: <runtime_dir>/agent.sock)")
+    for verb, text in (("start", "start"), ("stop", "stop (whole process tree)"), ("restart", "stop, then start")):
+        control = sub.add_parser(verb, parents=[common, socket_opt], help=f"{text} instances of the running agent")
+        control.add_argument(
+            "names", nargs="+", metavar="NAME", help="an instance, a service (all its instances) or 'all'"
+        )
+    signal_cmd = sub.add_parser("signal", parents=[common, socket_opt], help="send a signal to an instance's group")
+    signal_cmd.add_argument("names", nargs=1, metavar="NAME")
+    signal_cmd.add_argument("signal", help="e.g. HUP, USR1, SIGTERM")
     check = sub.add_parser("check", parents=[common], help="validate settings and profile; start nothing")
     check.add_argument("--profile", help="profile name or path (overrides EMP_AGENT_PROFILE)")
     sub.add_parser("detect", parents=[common], help="print host facts and GPUs as JSON")
@@ -59,6 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_OK
         if args.command == "status":
             return _status(args)
+        if args.command in ("start", "stop", "restart", "signal"):
+            return _control(args)
         if args.command == "check":
             return _check(args)
         if args.command == "detect":
@@ -89,6 +103,31 @@ def _status(args: argparse.Namespace) -> int:
     else:
         print(render_status(status, colour=sys.stdout.isatty()))
     return {"ready": EXIT_OK, "failed": EXIT_FAILED}.get(status.get("phase"), EXIT_PARTIAL)
+
+
+def _control(args: argparse.Namespace) -> int:
+    from urllib.parse import quote
+
+    from agent.api.client import locate_socket, request_json
+
+    socket_path = args.socket or locate_socket(config_path=str(args.config) if args.config else None)
+    done = {"start": "started", "stop": "stopped", "restart": "restarted", "signal": "signalled"}[args.command]
+    ok = failed = 0
+    for name in args.names:
+        path = f"/services/{quote(name, safe='')}/{args.command}"
+        if args.command == "signal":
+            path += f"?signal={quote(args.signal)}"
+        code, body = request_json(socket_path, "POST", path, timeout=CONTROL_TIMEOUT_S)
+        if code == 400:
+            print(f"{name}: ERROR ({body.get('error')})")
+            failed += 1
+            continue
+        for result in body["results"]:
+            print(f"{result['name']}: {done}" if result["ok"] else f"{result['name']}: ERROR ({result['error']})")
+            ok, failed = (ok + 1, failed) if result["ok"] else (ok, failed + 1)
+    if failed == 0:
+        return EXIT_OK
+    return EXIT_FAILED if ok == 0 else EXIT_PARTIAL
 
 
 def _load(args: argparse.Namespace, need_profile: bool) -> tuple[Settings, Profile | None]:

@@ -107,7 +107,7 @@ class Agent:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, self.handle_exit, sig)
-        api = ControlApi(self.settings.control_socket, self.status)
+        api = ControlApi(self.settings.control_socket, self.status, self.table.control)
         await api.start()
         leftovers = await asyncio.to_thread(self.ledger.sweep)  # we hold the locks: these are no live agent's
         if leftovers:

@@ -52,7 +52,7 @@ def request_json(socket_path: Path, method: str, path: str, timeout: float = 10.
     """One request; returns (HTTP status, decoded JSON). AgentNotRunning when nothing answers."""
     conn = _UnixConnection(str(socket_path), timeout)
     try:
-        conn.request(method, path)
+        conn.request(method, path, headers={"Content-Length": "0"} if method == "POST" else {})
         response = conn.getresponse()
         return response.status, json.loads(response.read() or b"null")
     except (FileNotFoundError, ConnectionRefusedError) as exc:

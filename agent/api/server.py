@@ -5,27 +5,31 @@ from __future__ import annotations
 import contextlib
 import grp
 import os
+import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-from agent.errors import AgentError
+from agent.errors import AgentError, UnknownService
 
 SOCKET_MODE = 0o660
 SOCKET_GROUP = "emp-agent"
 
 StatusSource = Callable[[], dict[str, Any]]
+#: (action, name, signal number or None) -> one result per instance; raises UnknownService.
+ControlSource = Callable[[str, str, int | None], Awaitable[list[dict[str, Any]]]]
 
 
 class ControlApi:
     """GET /healthz (process alive), /readyz (phase ready), /status (the full status document)."""
 
-    def __init__(self, socket_path: Path, status: StatusSource) -> None:
+    def __init__(self, socket_path: Path, status: StatusSource, control: ControlSource | None = None) -> None:
         self.socket_path = socket_path
         self._status = status
+        self._control = control
         self._runner: web.AppRunner | None = None
 
     def _app(self) -> web.Application:
@@ -33,6 +37,8 @@ class ControlApi:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/status", self._status_handler)
+        if self._control is not None:
+            app.router.add_post("/services/{name}/{action:start|stop|restart|signal}", self._control_handler)
         return app
 
     async def start(self) -> None:
@@ -65,6 +71,23 @@ class ControlApi:
 
     async def _status_handler(self, request: web.Request) -> web.Response:
         return web.json_response(self._status())
+
+    async def _control_handler(self, request: web.Request) -> web.Response:
+        """POST /services/{name}/{action}[?signal=HUP]: name is an instance, a service, or `all`."""
+        assert self._control is not None
+        name, action = request.match_info["name"], request.match_info["action"]
+        sig = None
+        if action == "signal":
+            raw = request.query.get("signal", "").upper()
+            raw = raw if raw.startswith("SIG") else f"SIG{raw}"
+            if raw not in signal.Signals.__members__:
+                return web.json_response({"error": f"unknown signal {request.query.get('signal')!r}"}, status=400)
+            sig = int(signal.Signals[raw])
+        try:
+            results = await self._control(action, name, sig)
+        except UnknownService:
+            return web.json_response({"results": [{"name": name, "ok": False, "error": "no such service"}]}, status=404)
+        return web.json_response({"results": results})
 
 
 def _clear_stale_socket(path: Path) -> None:

@@ -82,6 +82,13 @@ class ManagedService:
             await self._task
             self._task = None
 
+    def send_signal(self, sig: int) -> bool:
+        """Send `sig` to the instance's process group; False when no process is running."""
+        if self._child is None:
+            return False
+        self._child.signal_group(sig)
+        return True
+
     def force_kill(self) -> None:
         """SIGKILL the tree now, without waiting (used when the operator insists)."""
         self._stop.set()

@@ -67,6 +67,43 @@ class ProcessTable:
         """Instance names in start order."""
         return list(self._services)
 
+    def resolve(self, name: str) -> list[ManagedService]:
+        """Instances named by an operator: an instance, every instance of a service, or `all` (the agent's own
+        `emp-*` instances are only reached by their exact name)."""
+        if name == "all":
+            return [s for s in self._services.values() if not s.spec.service.startswith("emp-")]
+        if name in self._services:
+            return [self._services[name]]
+        instances = self.instances_of(name)
+        if not instances:
+            raise UnknownService(name)
+        return instances
+
+    async def control(self, action: str, name: str, sig: int | None = None) -> list[dict[str, Any]]:
+        """Start, stop, restart or signal what `name` resolves to; one result per instance, never raising for
+        a single instance's trouble (UnknownService for a name that matches nothing)."""
+        targets = self.resolve(name)
+        results = await asyncio.gather(*(self._control_one(action, s, sig) for s in targets))
+        return list(results)
+
+    async def _control_one(self, action: str, service: ManagedService, sig: int | None) -> dict[str, Any]:
+        name = service.spec.name
+        deferred = self._deferred.pop(name, None)
+        if deferred is not None:
+            deferred.cancel()
+        error = None
+        if action in ("stop", "restart"):
+            await service.stop()
+        if action in ("start", "restart"):
+            if service.state in (ServiceState.STARTING, ServiceState.RUNNING, ServiceState.BACKOFF):
+                error = f"already {service.state.value}"
+            else:
+                service.last_error = None
+                service.start()
+        if action == "signal" and sig is not None and not service.send_signal(sig):
+            error = f"not running ({service.state.value})"
+        return {"name": name, "ok": error is None, "error": error, "state": service.state.value}
+
     def instances_of(self, service: str) -> list[ManagedService]:
         """Every instance of one service."""
         return [s for s in self._services.values() if s.spec.service == service]

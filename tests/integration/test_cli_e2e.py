@@ -318,3 +318,52 @@ def test_one_agent_per_state_dir_and_sighup_stops_cleanly(agent_dirs: Path) -> N
 
     assert 0 == code
     assert [] == [pid for pid in pids if alive(pid)]
+
+
+@pytest.mark.slow
+def test_operator_controls_services_through_the_cli(agent_dirs: Path) -> None:
+    """stop/start/restart/signal by instance, service or `all`, one line per instance, documented exit codes."""
+    agent = AgentProcess(agent_dirs, REPO / "profiles" / "demo.toml")
+    try:
+        status = agent.wait_phase("ready")
+        first_pid = service(status, "model-server-0")["pid"]
+
+        stop = agent.cli("stop", "inference")
+        assert (0, "inference-0: stopped\n") == (stop.returncode, stop.stdout)
+        stopped = agent.status()
+        assert stopped is not None
+        assert ("STOPPED", "degraded") == (service(stopped, "inference-0")["state"], stopped["phase"])
+        assert 4 == agent.cli("status").returncode
+
+        mixed = agent.cli("start", "inference-0", "nope")
+        assert (4, "inference-0: started\nnope: ERROR (no such service)\n") == (mixed.returncode, mixed.stdout)
+        agent.wait_phase("ready")
+
+        again = agent.cli("start", "model-server-0")
+        assert (1, "model-server-0: ERROR (already RUNNING)\n") == (again.returncode, again.stdout)
+
+        restart = agent.cli("restart", "all")
+        assert 0 == restart.returncode
+        assert ["inference-0: restarted", "model-server-0: restarted"] == sorted(restart.stdout.splitlines())
+        status = agent.wait_phase("ready")
+        assert first_pid != service(status, "model-server-0")["pid"]
+        assert "RUNNING" == service(status, "emp-registry")["state"]
+
+        bad = agent.cli("signal", "model-server-0", "NOPE")
+        assert (1, "model-server-0: ERROR (unknown signal 'NOPE')\n") == (bad.returncode, bad.stdout)
+        before = service(status, "model-server-0")
+        signalled = agent.cli("signal", "model-server-0", "TERM")
+        assert (0, "model-server-0: signalled\n") == (signalled.returncode, signalled.stdout)
+        wait_until(
+            lambda: (
+                (s := agent.status())
+                and service(s, "model-server-0")["restarts"] > before["restarts"]
+                and service(s, "model-server-0")["pid"] != before["pid"]
+                and s["phase"] == "ready"
+            ),
+            60,
+            interval=0.2,
+            what="model-server-0 restarted by its policy after SIGTERM",
+        )
+    finally:
+        assert 0 == agent.stop()
