@@ -136,6 +136,10 @@ class ServiceSpec(_Frozen):
     restart: RestartSpec = Field(default_factory=RestartSpec)
     stop_signal: str = "SIGTERM"
     stop_timeout_s: float = Field(default=30.0, gt=0)
+    memory_limit_mib: StrictInt | None = Field(
+        default=None, ge=1, description="RSS of the whole process tree; above it the instance is restarted."
+    )
+    resource_interval_s: float = Field(default=2.0, ge=0.1, le=60, description="How often limits are checked.")
     capabilities: list[str] = Field(default_factory=list, description="Job-facing service names.")
     depends_on: list[str] = Field(default_factory=list)
     required: StrictBool = Field(default=True, description="A required service that is down degrades the host.")

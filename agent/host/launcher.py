@@ -46,6 +46,10 @@ class Child(Protocol):
         """The spawn tag in the environment of the child and all its descendants."""
         ...
 
+    def tree_rss_mib(self) -> int:
+        """Resident memory of every live process of the instance, in MiB."""
+        ...
+
 
 class Launcher(Protocol):
     """Starts processes."""
@@ -93,6 +97,13 @@ class _OsChild:
 
     def group_alive(self) -> bool:
         return bool(self.members())
+
+    def tree_rss_mib(self) -> int:
+        total = 0
+        for proc in self.members():
+            with contextlib.suppress(psutil.Error):
+                total += proc.memory_info().rss
+        return total // (1024 * 1024)
 
 
 def members_of(pgid: int, tag: str | None, known: Iterable[psutil.Process] = ()) -> list[psutil.Process]:

@@ -35,6 +35,8 @@ class InstanceSpec:
     restart: RestartSpec
     stop_signal: str
     stop_timeout_s: float
+    memory_limit_mib: int | None = None
+    resource_interval_s: float = 2.0
     port: int | None = None
     gpu: GpuInfo | None = None
     capabilities: tuple[str, ...] = ()
@@ -188,6 +190,8 @@ def _instance(
         restart=spec.restart,
         stop_signal=spec.stop_signal,
         stop_timeout_s=spec.stop_timeout_s,
+        memory_limit_mib=spec.memory_limit_mib,
+        resource_interval_s=spec.resource_interval_s,
         port=port,
         gpu=gpu,
         capabilities=tuple(spec.capabilities),

@@ -143,6 +143,7 @@ class ManagedService:
     # ---- internals --------------------------------------------------------------------------------------
 
     _child: Child | None = None
+    _over_limit: str | None = None
 
     def _set(self, new: ServiceState, reason: str | None = None) -> None:
         check_transition(self.state, new)
@@ -228,6 +229,8 @@ class ManagedService:
             self._ledger.spawned(self.spec.name, child.pid, child.tag)
         exit_task = asyncio.create_task(child.wait())
         stop_task = asyncio.create_task(self._stop.wait())
+        self._over_limit = None
+        watcher = asyncio.create_task(self._watch_memory(child)) if self.spec.memory_limit_mib else None
         try:
             outcome = await self._await_ready(exit_task, stop_task)
             if outcome == "ready":
@@ -250,14 +253,35 @@ class ManagedService:
             await self._reap_leftovers(child)
             self.last_exit_code = returncode
             was_ready = self._ready_since is not None
+            if self._over_limit:  # killed by us: a failure whatever the exit code says
+                self.last_error = self._over_limit
+                return policy.ExitFacts(None, was_ready, self._ready_since, ended)
             self.last_error = _describe_exit(returncode, was_ready)
             return policy.ExitFacts(returncode, was_ready, self._ready_since, ended)
         finally:
             stop_task.cancel()
+            if watcher is not None:
+                watcher.cancel()
             self.pid = None
             self._child = None
             if self._ledger is not None:
                 self._ledger.reaped(self.spec.name)
+
+    async def _watch_memory(self, child: Child) -> None:
+        """Every resource interval, sum the RSS of the whole tree; over the limit, stop it (SIGKILL after the
+        stop timeout). The exit that follows counts as a failure with the reason."""
+        limit = self.spec.memory_limit_mib or 0
+        while True:
+            await asyncio.sleep(self.spec.resource_interval_s)
+            rss = await asyncio.to_thread(child.tree_rss_mib)
+            if rss <= limit:
+                continue
+            self._over_limit = f"memory limit: process tree RSS {rss} MiB > {limit} MiB"
+            log.warning("memory limit exceeded, restarting", instance=self.spec.name, rss_mib=rss, limit_mib=limit)
+            child.signal_group(signal.Signals[self.spec.stop_signal])
+            await asyncio.sleep(self.spec.stop_timeout_s)
+            child.kill_tree()
+            return
 
     async def _await_ready(self, exit_task: asyncio.Task[int], stop_task: asyncio.Task[Any]) -> str:
         deadline = self._monotonic() + self.spec.start_timeout_s

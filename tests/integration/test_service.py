@@ -273,3 +273,32 @@ def test_instances_of_one_service_stop_in_parallel(tmp_path: Path) -> None:
 
     order = [e["to"] for e in table.events if e["to"] in ("STOPPING", "STOPPED")]
     assert ["STOPPING"] * 3 + ["STOPPED"] * 3 == order
+
+
+def test_memory_limit_on_the_whole_tree_restarts_and_counts_as_a_failure(tmp_path: Path) -> None:
+    """A child growing 100 MiB/s past a 150 MiB limit is restarted with the reason, as a failure."""
+    spec = ServiceSpec(
+        command=["{python}", str(PROGRAMS / "hog.py"), "5", "2000"],
+        readiness=ReadinessSpec(start_seconds=0.05),
+        memory_limit_mib=150,
+        resource_interval_s=0.1,
+        stop_timeout_s=1,
+        restart=RestartSpec(backoff_initial_s=30, jitter=0),
+    )
+    table = table_with(tmp_path, hog=spec)
+
+    async def scenario() -> dict[str, Any]:
+        await table.start_all()
+        service = table.get("hog")
+        await await_until(lambda: service.state is ServiceState.BACKOFF, 60, what="BACKOFF after the limit")
+        snap = service.snapshot()
+        failures = service.failures
+        await table.stop_all()
+        return {**snap, "failures": failures}
+
+    snap = asyncio.run(scenario())
+
+    assert snap["last_error"].startswith("memory limit: process tree RSS ")
+    assert snap["last_error"].endswith(" MiB > 150 MiB")
+    assert 1 == snap["failures"]
+    assert "reached" not in (tmp_path / "logs" / "hog.log").read_text()  # stopped long before 2000 MiB
