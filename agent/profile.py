@@ -83,6 +83,7 @@ class ProbeKind(StrEnum):
     TCP = "tcp"
     UNIX = "unix"
     COMMAND = "command"
+    LOG = "log"
     NONE = "none"
 
 
@@ -108,6 +109,7 @@ class ReadinessSpec(_Frozen):
     url: str | None = None
     socket: str | None = None
     command: list[str] | None = None
+    pattern: str | None = Field(default=None, description="kind log: a regex matched against new output lines.")
     expect_status: list[int] = Field(default_factory=lambda: [200])
     interval_s: float = Field(default=0.5, gt=0)
     timeout_s: float = Field(default=120.0, gt=0, description="Start timeout: ready within this or failed.")
@@ -119,6 +121,13 @@ class ReadinessSpec(_Frozen):
             raise ValueError("kind 'unix' needs 'socket'")
         if self.kind is ProbeKind.COMMAND and not self.command:
             raise ValueError("kind 'command' needs 'command'")
+        if self.kind is ProbeKind.LOG:
+            if not self.pattern:
+                raise ValueError("kind 'log' needs 'pattern'")
+            try:
+                re.compile(self.pattern)
+            except re.error as exc:
+                raise ValueError(f"pattern is not a valid regular expression: {exc}") from None
         return self
 
 

@@ -174,6 +174,7 @@ def _instance(
         socket=readiness.socket.format_map(values) if readiness.socket else None,
         command=tuple(arg.format_map(values) for arg in readiness.command or ()),
         expect_status=tuple(readiness.expect_status),
+        pattern=readiness.pattern,
     )
     return InstanceSpec(
         name=instance_name,

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 
@@ -25,20 +27,38 @@ class Probe:
     socket: str | None = None
     command: tuple[str, ...] = ()
     expect_status: tuple[int, ...] = (200,)
+    pattern: str | None = None
 
     def describe(self) -> str:
         """Short human form for logs and errors."""
-        target = self.url or self.socket or (f"{self.host}:{self.port}" if self.port else " ".join(self.command))
+        target = (
+            self.url
+            or self.socket
+            or (f"/{self.pattern}/" if self.pattern else None)
+            or (f"{self.host}:{self.port}" if self.port else " ".join(self.command))
+        )
         return f"{self.kind.value} {target}".strip()
 
 
-async def attempt(probe: Probe, env: Mapping[str, str] | None = None) -> bool:
-    """Run the probe once; True when it passes. Never raises for a failing target."""
+async def attempt(
+    probe: Probe, env: Mapping[str, str] | None = None, log: Path | None = None, log_offset: int = 0
+) -> bool:
+    """Run the probe once; True when it passes. Never raises for a failing target. A log probe looks at what
+    was written to `log` after `log_offset` (the output of this start only)."""
     try:
         async with asyncio.timeout(ATTEMPT_TIMEOUT_S):
+            if probe.kind is ProbeKind.LOG and probe.pattern and log is not None:
+                return await asyncio.to_thread(_log_matches, log, log_offset, probe.pattern)
             return await _attempt(probe, env)
     except (TimeoutError, OSError, httpx.HTTPError):
         return False
+
+
+def _log_matches(log: Path, offset: int, pattern: str) -> bool:
+    with log.open("rb") as handle:
+        handle.seek(offset)
+        text = handle.read().decode(errors="replace")
+    return re.search(pattern, text, re.MULTILINE) is not None
 
 
 async def _attempt(probe: Probe, env: Mapping[str, str] | None) -> bool:

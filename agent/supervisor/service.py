@@ -144,6 +144,7 @@ class ManagedService:
 
     _child: Child | None = None
     _over_limit: str | None = None
+    _log_offset: int = 0
 
     def _set(self, new: ServiceState, reason: str | None = None) -> None:
         check_transition(self.state, new)
@@ -220,6 +221,10 @@ class ManagedService:
         self._ready_since = None
         self._write_header()
         try:
+            self._log_offset = self.spec.log_path.stat().st_size
+        except OSError:
+            self._log_offset = 0
+        try:
             child = await self._launcher.spawn(self.spec.argv, self.spec.env, self.spec.cwd, self.spec.log_path)
         except SpawnError as exc:
             self.last_error = str(exc)
@@ -293,7 +298,9 @@ class ManagedService:
                 return "stop"
             if exit_task.done():
                 return "exited"
-            if probe.kind is not ProbeKind.NONE and await attempt(probe, self.spec.env):
+            if probe.kind is not ProbeKind.NONE and await attempt(
+                probe, self.spec.env, self.spec.log_path, self._log_offset
+            ):
                 if not exit_task.done():
                     return "ready"
                 continue

@@ -302,3 +302,36 @@ def test_memory_limit_on_the_whole_tree_restarts_and_counts_as_a_failure(tmp_pat
     assert snap["last_error"].endswith(" MiB > 150 MiB")
     assert 1 == snap["failures"]
     assert "reached" not in (tmp_path / "logs" / "hog.log").read_text()  # stopped long before 2000 MiB
+
+
+def test_log_line_readiness_only_counts_output_of_the_current_start(tmp_path: Path) -> None:
+    """Ready when the log shows the pattern; a line from a previous start never makes a new start RUNNING."""
+    marker = tmp_path / "started-once"
+    script = (
+        f'if [ -f {marker} ]; then echo "still loading"; exec "$0" "$1" "$2"; fi; '
+        f'touch {marker}; echo "To see the GUI go to: http://127.0.0.1:8188"; exec "$0" -c "import sys; '
+        f'sys.stdin.read()"'
+    )
+    spec = ServiceSpec(
+        command=["sh", "-c", script, sys.executable, str(PROGRAMS / "hang.py"), str(tmp_path / "pid")],
+        readiness=ReadinessSpec(kind=ProbeKind.LOG, pattern=r"^To see the GUI go to: ", timeout_s=1, interval_s=0.05),
+        restart=RestartSpec(backoff_initial_s=0.05, jitter=0, crash_loop_limit=2, fatal_retry_s=None),
+    )
+    table = table_with(tmp_path, comfy=spec)
+
+    async def scenario() -> str | None:
+        await table.start_all()
+        service = table.get("comfy")
+        await await_until(lambda: service.state is ServiceState.FATAL, 30, what="FATAL")
+        return service.last_error
+
+    last_error = asyncio.run(scenario())
+
+    assert [
+        ("STOPPED", "STARTING"),
+        ("STARTING", "RUNNING"),
+        ("RUNNING", "BACKOFF"),
+        ("BACKOFF", "STARTING"),
+        ("STARTING", "FATAL"),
+    ] == transitions(table, "comfy")
+    assert "not ready within 1s (log /^To see the GUI go to: /)" == last_error
