@@ -308,9 +308,8 @@ def test_log_line_readiness_only_counts_output_of_the_current_start(tmp_path: Pa
     """Ready when the log shows the pattern; a line from a previous start never makes a new start RUNNING."""
     marker = tmp_path / "started-once"
     script = (
-        f'if [ -f {marker} ]; then echo "still loading"; exec "$0" "$1" "$2"; fi; '
-        f'touch {marker}; echo "To see the GUI go to: http://127.0.0.1:8188"; exec "$0" -c "import sys; '
-        f'sys.stdin.read()"'
+        f'if [ -f {marker} ]; then echo "still loading"; else touch {marker}; '
+        'echo "To see the GUI go to: http://127.0.0.1:8188"; fi; exec "$0" "$1" "$2"'
     )
     spec = ServiceSpec(
         command=["sh", "-c", script, sys.executable, str(PROGRAMS / "hang.py"), str(tmp_path / "pid")],
@@ -322,6 +321,9 @@ def test_log_line_readiness_only_counts_output_of_the_current_start(tmp_path: Pa
     async def scenario() -> str | None:
         await table.start_all()
         service = table.get("comfy")
+        assert await service.wait_ready(30)
+        assert service.pid is not None
+        os.kill(service.pid, signal.SIGKILL)
         await await_until(lambda: service.state is ServiceState.FATAL, 30, what="FATAL")
         return service.last_error
 
