@@ -84,6 +84,7 @@ class ProbeKind(StrEnum):
     UNIX = "unix"
     COMMAND = "command"
     LOG = "log"
+    NOTIFY = "notify"
     NONE = "none"
 
 

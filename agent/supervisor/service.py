@@ -19,6 +19,7 @@ from agent.profile import ProbeKind
 from agent.supervisor import policy
 from agent.supervisor.instances import InstanceSpec
 from agent.supervisor.ledger import ProcessLedger
+from agent.supervisor.notify import NotifyListener
 from agent.supervisor.readiness import attempt
 from agent.supervisor.states import ServiceState, check_transition
 
@@ -145,6 +146,7 @@ class ManagedService:
     _child: Child | None = None
     _over_limit: str | None = None
     _log_offset: int = 0
+    _notify: NotifyListener | None = None
 
     def _set(self, new: ServiceState, reason: str | None = None) -> None:
         check_transition(self.state, new)
@@ -224,10 +226,15 @@ class ManagedService:
             self._log_offset = self.spec.log_path.stat().st_size
         except OSError:
             self._log_offset = 0
+        env = dict(self.spec.env)
+        self._notify = NotifyListener() if self.spec.probe.kind is ProbeKind.NOTIFY else None
+        if self._notify is not None:
+            env["NOTIFY_SOCKET"] = self._notify.env_value
         try:
-            child = await self._launcher.spawn(self.spec.argv, self.spec.env, self.spec.cwd, self.spec.log_path)
+            child = await self._launcher.spawn(self.spec.argv, env, self.spec.cwd, self.spec.log_path)
         except SpawnError as exc:
             self.last_error = str(exc)
+            self._close_notify()
             return policy.ExitFacts(None, False, None, self._monotonic())
         self._child, self.pid, self._spawned_at = child, child.pid, self._monotonic()
         if self._ledger is not None:
@@ -265,12 +272,18 @@ class ManagedService:
             return policy.ExitFacts(returncode, was_ready, self._ready_since, ended)
         finally:
             stop_task.cancel()
+            self._close_notify()
             if watcher is not None:
                 watcher.cancel()
             self.pid = None
             self._child = None
             if self._ledger is not None:
                 self._ledger.reaped(self.spec.name)
+
+    def _close_notify(self) -> None:
+        if self._notify is not None:
+            self._notify.close()
+            self._notify = None
 
     async def _watch_memory(self, child: Child) -> None:
         """Every resource interval, sum the RSS of the whole tree; over the limit, stop it (SIGKILL after the
@@ -298,9 +311,13 @@ class ManagedService:
                 return "stop"
             if exit_task.done():
                 return "exited"
-            if probe.kind is not ProbeKind.NONE and await attempt(
-                probe, self.spec.env, self.spec.log_path, self._log_offset
-            ):
+            if probe.kind is ProbeKind.NOTIFY:
+                passed = self._notify is not None and self._notify.poll()
+            else:
+                passed = probe.kind is not ProbeKind.NONE and await attempt(
+                    probe, self.spec.env, self.spec.log_path, self._log_offset
+                )
+            if passed:
                 if not exit_task.done():
                     return "ready"
                 continue

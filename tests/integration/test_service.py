@@ -337,3 +337,30 @@ def test_log_line_readiness_only_counts_output_of_the_current_start(tmp_path: Pa
         ("STARTING", "FATAL"),
     ] == transitions(table, "comfy")
     assert "not ready within 1s (log /^To see the GUI go to: /)" == last_error
+
+
+def test_sd_notify_ready_from_the_child(tmp_path: Path) -> None:
+    """A child that says READY=1 on NOTIFY_SOCKET becomes RUNNING; one that never says it times out."""
+    ready = ServiceSpec(
+        command=["{python}", str(PROGRAMS / "notify_ready.py")],
+        readiness=ReadinessSpec(kind=ProbeKind.NOTIFY, interval_s=0.05),
+    )
+    silent = ServiceSpec(
+        command=["{python}", str(PROGRAMS / "hang.py"), str(tmp_path / "pid")],
+        readiness=ReadinessSpec(kind=ProbeKind.NOTIFY, interval_s=0.05, timeout_s=1),
+        restart=RestartSpec(crash_loop_limit=1, fatal_retry_s=None),
+    )
+    table = table_with(tmp_path, ready=ready, silent=silent)
+
+    async def scenario() -> tuple[bool, str | None]:
+        await table.start_all()
+        ok = await table.get("ready").wait_ready(30)
+        await await_until(lambda: table.get("silent").state is ServiceState.FATAL, 30, what="silent FATAL")
+        error = table.get("silent").last_error
+        await table.stop_all()
+        return ok, error
+
+    ok, error = asyncio.run(scenario())
+
+    assert ok
+    assert "not ready within 1s (notify)" == error
