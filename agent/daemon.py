@@ -27,12 +27,12 @@ from agent.host.lock import DirectoryLock
 from agent.identity import boot_id, instance_id, machine_id
 from agent.machine import Phase, compute_phase
 from agent.modelstore import ModelStore
-from agent.profile import Profile
+from agent.profile import Profile, load_profile
 from agent.registry import embedded
 from agent.registry.client import RedisRegistry
 from agent.registry.heartbeat import Heartbeat
 from agent.settings import Settings
-from agent.supervisor.instances import Paths, expand
+from agent.supervisor.instances import InstanceSpec, Paths, expand
 from agent.supervisor.ledger import ProcessLedger
 from agent.supervisor.service import iso_now
 from agent.supervisor.table import ProcessTable
@@ -66,7 +66,7 @@ class Agent:
         self._environ = os.environ if environ is None else environ
         self.paths = Paths(settings.model_root, settings.state_dir, settings.log_dir)
         self.ledger = ProcessLedger(settings.state_dir / "processes.json")
-        self.table = ProcessTable(self._launcher, ledger=self.ledger)
+        self.table = ProcessTable(self._launcher, ledger=self.ledger, respec=self.respec)
         self.table.add_listener(lambda _event: self._kick_if_phase_changed())
         self.machine_id = ""
         self.boot_id = boot_id()
@@ -241,6 +241,19 @@ class Agent:
     def _on_event(self, event: dict[str, Any]) -> None:
         self.table.events.append(event)
         self._kick_if_phase_changed()
+
+    def respec(self, name: str) -> InstanceSpec | None:
+        """The instance's spec from the profile as it is on disk now (applied by `restart`); None for the agent's
+        own instances. Raises ConfigError when the profile no longer validates or lost the instance."""
+        if name.startswith(embedded.SERVICE_NAME):
+            return None
+        profile = load_profile(self.profile.source, self.settings.profiles_dir)
+        gpus = self.ctx.gpus.gpus if self.ctx and self.ctx.gpus else []
+        ports = {s["name"]: s["port"] for s in self.table.snapshot()}
+        for spec in expand(profile, gpus, self.paths, self.machine_id, self._environ, keep_ports=ports):
+            if spec.name == name:
+                return spec
+        raise ConfigError([Problem(profile.source, "services", f"instance {name} is no longer in the profile")])
 
     # ---- views -------------------------------------------------------------------------------------------
 

@@ -61,8 +61,10 @@ def expand(
     machine_id: str,
     agent_env: Mapping[str, str],
     taken_ports: set[int] | None = None,
+    keep_ports: Mapping[str, int | None] | None = None,
 ) -> list[InstanceSpec]:
-    """All instances of all services in dependency order; ports are allocated free and recorded in `taken_ports`."""
+    """All instances of all services in dependency order; ports are allocated free and recorded in `taken_ports`,
+    except for instances named in `keep_ports`, which keep the port they have (re-expansion on restart)."""
     taken = taken_ports if taken_ports is not None else set()
     instances: list[InstanceSpec] = []
     ports: dict[tuple[str, int], int] = {}
@@ -72,8 +74,9 @@ def expand(
         for slot, gpu in enumerate(slots):
             instance_name = name if len(slots) == 1 and not spec.per_gpu else f"{name}-{slot}"
             port = None
+            kept = (keep_ports or {}).get(instance_name)
             if spec.port is not None:
-                port = allocate_port(spec.port + slot, taken)
+                port = kept if kept is not None else allocate_port(spec.port + slot, taken)
                 taken.add(port)
                 ports[(name, slot)] = port
             dep_ports = {

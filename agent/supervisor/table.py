@@ -10,7 +10,7 @@ from typing import Any
 
 import structlog
 
-from agent.errors import UnknownService
+from agent.errors import AgentError, UnknownService
 from agent.host.launcher import Launcher
 from agent.supervisor.instances import InstanceSpec
 from agent.supervisor.ledger import ProcessLedger
@@ -30,8 +30,10 @@ class ProcessTable:
         on_event: EventSink | None = None,
         monotonic: Callable[[], float] = time.monotonic,
         ledger: ProcessLedger | None = None,
+        respec: Callable[[str], InstanceSpec | None] | None = None,
     ) -> None:
         self._launcher = launcher
+        self._respec = respec
         self._ledger = ledger
         self._monotonic = monotonic
         self._services: dict[str, ManagedService] = {}
@@ -92,8 +94,22 @@ class ProcessTable:
         if deferred is not None:
             deferred.cancel()
         error = None
+        new_spec = None
+        if action == "restart" and self._respec is not None:
+            try:
+                new_spec = self._respec(name)  # validate the changed profile before stopping anything
+            except AgentError as exc:
+                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                return {
+                    "name": name,
+                    "ok": False,
+                    "error": f"profile not reloaded: {first}",
+                    "state": service.state.value,
+                }
         if action in ("stop", "restart"):
             await service.stop()
+        if new_spec is not None:
+            service.spec = new_spec
         if action in ("start", "restart"):
             if service.state in (ServiceState.STARTING, ServiceState.RUNNING, ServiceState.BACKOFF):
                 error = f"already {service.state.value}"

@@ -367,3 +367,44 @@ def test_operator_controls_services_through_the_cli(agent_dirs: Path) -> None:
         )
     finally:
         assert 0 == agent.stop()
+
+
+@pytest.mark.slow
+def test_restart_applies_the_changed_profile_and_refuses_a_broken_one(agent_dirs: Path) -> None:
+    """FOO=1,BAR=1 changed to FOO=2: after `restart` the child sees FOO=2 and no BAR; a profile edited into
+    an invalid state is refused and the running service is left alone."""
+    dump = agent_dirs / "env.json"
+    profile = agent_dirs / "envs.toml"
+
+    def write(env: str) -> None:
+        profile.write_text(
+            f'[services.envy]\ncommand = ["{sys.executable}", "{PROGRAMS / "env_dump.py"}", "{dump}"]\n'
+            f"env = {{ {env} }}\n"
+            f'[services.envy.readiness]\nkind = "command"\ncommand = ["test", "-s", "{dump}"]\ninterval_s = 0.05\n'
+        )
+
+    write('FOO = "1", BAR = "1"')
+    agent = AgentProcess(agent_dirs, profile, {"SHELL_SECRET": "must-not-leak"})
+    try:
+        agent.wait_phase("ready")
+        first = json.loads(dump.read_text())
+        assert ("1", "1") == (first["FOO"], first["BAR"])
+        assert "SHELL_SECRET" not in first
+
+        profile.write_text(profile.read_text().replace("command = [", "comand = [", 1))
+        refused = agent.cli("restart", "envy")
+        assert 1 == refused.returncode
+        assert refused.stdout.startswith("envy: ERROR (profile not reloaded: ")
+        assert "RUNNING" == service(agent.wait_phase("ready"), "envy")["state"]
+
+        dump.unlink()
+        write('FOO = "2"')
+        restarted = agent.cli("restart", "envy")
+        assert (0, "envy: restarted\n") == (restarted.returncode, restarted.stdout)
+        agent.wait_phase("ready")
+        second = json.loads(wait_until(lambda: dump.exists() and dump.read_text(), 30, what="new env dump"))
+    finally:
+        assert 0 == agent.stop()
+
+    assert "2" == second["FOO"]
+    assert "BAR" not in second
