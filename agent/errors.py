@@ -15,16 +15,28 @@ Only `agent.cli` turns these into exit codes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
-
-@dataclass(frozen=True)
 class Problem:
-    """One fault in an input file: where it is and what is wrong."""
+    """One fault in an input file: where it is and what is wrong. (A plain class, not a dataclass: this module
+    is on the `status` path, and importing dataclasses costs more than the rest of that path.)"""
 
-    source: str
-    field: str
-    message: str
+    __slots__ = ("field", "message", "source")
+
+    def __init__(self, source: str, field: str, message: str) -> None:
+        self.source = source
+        self.field = field
+        self.message = message
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Problem):
+            return NotImplemented
+        return (self.source, self.field, self.message) == (other.source, other.field, other.message)
+
+    def __hash__(self) -> int:
+        return hash((self.source, self.field, self.message))
+
+    def __repr__(self) -> str:
+        return f"Problem({self.source!r}, {self.field!r}, {self.message!r})"
 
     def __str__(self) -> str:
         where = f"{self.source}: {self.field}" if self.field else self.source
