@@ -58,9 +58,11 @@ def verdict(spec: RestartSpec, facts: ExitFacts, failures: int) -> Verdict:
 
 
 def backoff_delay(spec: RestartSpec, failures: int, unit_random: float) -> float:
-    """Exponential delay with jitter, capped; never less than about backoff_initial_s, even after a clean exit.
-    `unit_random` in [0, 1) comes from the caller's RNG."""
-    failures = max(failures, 1)
-    base = min(spec.backoff_initial_s * spec.backoff_factor ** (failures - 1), spec.backoff_max_s)
+    """The wait before the next start: none after a first failure (a one-off crash is back at once, like PM2),
+    then backoff_initial_s growing by backoff_factor per further consecutive failure, with jitter, capped.
+    A storm is impossible: every quick exit counts as a failure (see is_failure). `unit_random` in [0, 1)."""
+    if failures <= 1:
+        return 0.0
+    base = min(spec.backoff_initial_s * spec.backoff_factor ** (failures - 2), spec.backoff_max_s)
     jittered = base * (1 + spec.jitter * (2 * unit_random - 1))
     return max(0.0, min(jittered, spec.backoff_max_s))

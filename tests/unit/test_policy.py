@@ -13,16 +13,16 @@ SPEC = RestartSpec(
 )
 
 
-def test_backoff_doubles_and_is_capped() -> None:
-    """Without jitter the delays are 1, 2, 4, 8, 16, 30, 30 seconds."""
+def test_first_restart_is_immediate_then_backoff_doubles_and_is_capped() -> None:
+    """Without jitter the delays after 1..8 consecutive failures are 0, 1, 2, 4, 8, 16, 30, 30 seconds."""
     spec = SPEC.model_copy(update={"jitter": 0.0})
 
-    assert [1, 2, 4, 8, 16, 30, 30] == [backoff_delay(spec, n, 0.5) for n in range(1, 8)]
+    assert [0, 1, 2, 4, 8, 16, 30, 30] == [backoff_delay(spec, n, 0.5) for n in range(1, 9)]
 
 
 def test_jitter_stays_within_its_band_and_under_the_cap() -> None:
     """Jitter moves the delay by at most +-20% and never past backoff_max_s."""
-    assert (3.2, 4.8) == (backoff_delay(SPEC, 3, 0.0), backoff_delay(SPEC, 3, 1.0))
+    assert (3.2, 4.8) == (backoff_delay(SPEC, 4, 0.0), backoff_delay(SPEC, 4, 1.0))
     assert 30 == backoff_delay(SPEC, 10, 1.0)
 
 
@@ -74,11 +74,17 @@ def test_clean_exits_soon_after_ready_are_flapping_under_always() -> None:
     assert Verdict.GIVE_UP == verdict(SPEC, quick, failures_after(SPEC, quick, 2))
 
 
-def test_a_restart_always_waits_at_least_the_initial_backoff() -> None:
-    """Even with no failure counted, a restart is never immediate (no busy restart loop)."""
+def test_a_service_that_exits_cleanly_at_once_cannot_storm() -> None:
+    """`true` under `always`: each exit is a failure, so the second restart already waits, and the crash-loop
+    limit ends it."""
     spec = SPEC.model_copy(update={"jitter": 0.0})
+    failures, delays = 0, []
+    for n in range(3):
+        facts = ExitFacts(0, True, ready_since=float(n), ended_at=n + 0.01)
+        failures = failures_after(spec, facts, failures)
+        delays.append((backoff_delay(spec, failures, 0.5), verdict(spec, facts, failures)))
 
-    assert 1.0 == backoff_delay(spec, 0, 0.5)
+    assert [(0.0, Verdict.RESTART), (1.0, Verdict.RESTART), (2.0, Verdict.GIVE_UP)] == delays
 
 
 def test_only_legal_transitions_are_allowed() -> None:
