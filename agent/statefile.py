@@ -9,17 +9,20 @@ from pathlib import Path
 from typing import Any
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Replace `path` with `data` so a crash leaves either the old or the new file, never a torn one."""
+def write_json_atomic(path: Path, data: Any, durable: bool = True) -> None:
+    """Replace `path` with `data` so a crash leaves either the old or the new file, never a torn one.
+    `durable=False` skips the fsyncs, for files that only matter while the host stays up."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with tmp.open("w", encoding="utf-8") as handle:
         json.dump(data, handle, indent=2, sort_keys=True)
         handle.write("\n")
         handle.flush()
-        os.fsync(handle.fileno())
+        if durable:
+            os.fsync(handle.fileno())
     os.replace(tmp, path)
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
 def read_json(path: Path) -> Any:

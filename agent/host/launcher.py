@@ -17,6 +17,8 @@ from agent.errors import SpawnError
 
 #: Set in every child's environment; inherited by its descendants, so escaped ones can still be found.
 TAG_VARIABLE = "EMP_SPAWN_TAG"
+#: psutil create times of one process read at different moments agree to within this (seconds).
+CREATE_TIME_SLACK_S = 0.05
 
 
 class Child(Protocol):
@@ -62,6 +64,10 @@ class _OsChild:
         self._process = process
         self.tag = tag
         self._known: dict[int, psutil.Process] = {}
+        try:
+            self._created: float | None = psutil.Process(process.pid).create_time()
+        except psutil.Error:
+            self._created = None
 
     @property
     def pid(self) -> int:
@@ -81,7 +87,7 @@ class _OsChild:
     def members(self) -> list[psutil.Process]:
         """Every live process of this instance: its group, its remembered descendants, and tagged escapees."""
         self._remember_tree()
-        return members_of(self.pid, self.tag, self._known.values())
+        return members_of(self.pid, self.tag, self._known.values(), since=self._created)
 
     def signal_group(self, sig: int) -> None:
         self._remember_tree()
@@ -106,14 +112,22 @@ class _OsChild:
         return total // (1024 * 1024)
 
 
-def members_of(pgid: int, tag: str | None, known: Iterable[psutil.Process] = ()) -> list[psutil.Process]:
-    """Live (non-zombie) processes in process group `pgid`, carrying `tag`, or among `known`."""
+def members_of(
+    pgid: int, tag: str | None, known: Iterable[psutil.Process] = (), since: float | None = None
+) -> list[psutil.Process]:
+    """Live (non-zombie) processes in process group `pgid`, carrying `tag`, or among `known`.
+
+    `since` is the create time of the instance's first process: nothing older can belong to it, so only newer
+    processes have their group and environment read (this runs on every exit, before the restart).
+    """
     found: dict[int, psutil.Process] = {}
     for proc in known:
         if _alive(proc):
             found[proc.pid] = proc
-    for proc in psutil.process_iter():
+    for proc in psutil.process_iter(["create_time"]):
         if proc.pid in found or proc.pid == os.getpid():
+            continue
+        if since is not None and (proc.info["create_time"] or 0) < since - CREATE_TIME_SLACK_S:
             continue
         try:
             in_group = os.getpgid(proc.pid) == pgid

@@ -10,12 +10,11 @@ from typing import Any
 import psutil
 import structlog
 
-from agent.host.launcher import members_of
+from agent.host.launcher import CREATE_TIME_SLACK_S, members_of
 from agent.statefile import read_json, write_json_atomic
 
 log = structlog.get_logger(__name__)
-#: psutil create times of the same process agree to within this (seconds).
-CREATE_TIME_SLACK_S = 0.05
+
 SWEEP_GRACE_S = 5.0
 
 
@@ -57,7 +56,9 @@ class ProcessLedger:
             pgid = leader.pid if leader is not None else -1
             if isinstance(tag, str) or leader is not None:
                 seen = {q.pid for q in procs}
-                procs += [p for p in members_of(pgid, tag if isinstance(tag, str) else None) if p.pid not in seen]
+                created = entry.get("create_time") if isinstance(entry.get("create_time"), float) else None
+                found = members_of(pgid, tag if isinstance(tag, str) else None, since=created)
+                procs += [p for p in found if p.pid not in seen]
             if procs:
                 leftovers[name] = procs
         for name, procs in leftovers.items():
@@ -78,7 +79,9 @@ class ProcessLedger:
 
     def _save(self) -> None:
         try:
-            write_json_atomic(self._path, self._entries)
+            # No fsync: the ledger describes live processes, which a power loss ends anyway; it sits on the
+            # restart path, where an fsync would cost more than the rest of the restart.
+            write_json_atomic(self._path, self._entries, durable=False)
         except OSError as exc:
             log.warning("cannot write the process ledger", path=str(self._path), error=str(exc))
 
