@@ -104,9 +104,8 @@ class EmpAgent(Supervisor):
         """)
         )
         agent = shutil.which("emp-agent", path=str(Path(sys.executable).parent)) or "emp-agent"
-        self.proc = subprocess.Popen(
-            [agent, "run"], env=self.env(), stdout=subprocess.DEVNULL, stderr=open(self.work / "agent.err", "wb")
-        )
+        self.err = (self.work / "agent.err").open("wb")
+        self.proc = subprocess.Popen([agent, "run"], env=self.env(), stdout=subprocess.DEVNULL, stderr=self.err)
         self.daemon_pid = self.proc.pid
         wait_for(
             lambda: subprocess.run(self.status_argv(), env=self.env(), capture_output=True).returncode == 0,
@@ -121,6 +120,7 @@ class EmpAgent(Supervisor):
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(60)
+        self.err.close()
 
 
 class Supervisord(Supervisor):
@@ -218,8 +218,9 @@ def measure(sup: Supervisor, args: argparse.Namespace) -> dict[str, Any]:
             tag = sorted(before)[n % len(before)]
             os.kill(before[tag], signal.SIGKILL)
             killed = time.perf_counter()
+            old = before[tag]
             wait_for(
-                lambda: (p := tagged_children(sup.daemon_pid, sup.prefix).get(tag)) and p != before[tag],
+                lambda t=tag, o=old: (p := tagged_children(sup.daemon_pid, sup.prefix).get(t)) and p != o,
                 30,
                 f"{sup.name} restart of {tag}",
             )
@@ -240,7 +241,12 @@ def measure(sup: Supervisor, args: argparse.Namespace) -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--children", type=int, default=10)
-    parser.add_argument("--kills", type=int, default=15)
+    parser.add_argument(
+        "--kills",
+        type=int,
+        default=10,
+        help="one per child by default: a second crash of the same instance within healthy_reset_s is backed off on purpose",
+    )
     parser.add_argument("--status-reps", type=int, default=15)
     parser.add_argument("--settle", type=float, default=3.0)
     parser.add_argument("--idle-window", type=float, default=10.0)
