@@ -364,3 +364,111 @@ def test_sd_notify_ready_from_the_child(tmp_path: Path) -> None:
 
     assert ok
     assert "not ready within 1s (notify)" == error
+
+
+def test_case_grandchild_holding_a_port_is_gone_after_stop_and_the_port_binds_again(tmp_path: Path) -> None:
+    """Process table case 1: a setsid'd grandchild that binds a port and ignores SIGTERM does not survive a
+    stop, and a restart can bind the port again."""
+    port = free_port()
+    pids = tmp_path / "pids"
+    spec = ServiceSpec(
+        command=["{python}", str(PROGRAMS / "port_holder.py"), str(port), str(pids)],
+        stop_timeout_s=0.5,
+        readiness=ReadinessSpec(kind=ProbeKind.COMMAND, command=["test", "-s", str(pids)], interval_s=0.05),
+    )
+    table = table_with(tmp_path, holder=spec)
+
+    async def scenario() -> list[int]:
+        await table.start_all()
+        assert await table.get("holder").wait_ready(30)
+        first = [int(p) for p in pids.read_text().split()]
+        pids.unlink()
+        results = await table.control("restart", "holder")
+        assert [True] == [r["ok"] for r in results]
+        assert await table.get("holder").wait_ready(30)
+        await table.stop_all()
+        return first
+
+    first = asyncio.run(scenario())
+
+    assert [True, True] == [gone(pid) for pid in first]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", port))  # nothing of either run holds it any more
+
+
+def test_case_sigterm_ignored_is_sigkilled_after_the_stop_timeout_and_never_respawned(tmp_path: Path) -> None:
+    """Process table cases 6 and 11: STOPPING lasts the whole stop timeout (no earlier SIGKILL), no start
+    happens meanwhile, and STOPPED comes only after the tree is reaped."""
+    pidfile = tmp_path / "pids"
+    spec = ServiceSpec(
+        command=["{python}", str(PROGRAMS / "stubborn.py"), str(pidfile)],
+        stop_timeout_s=2,
+        readiness=ReadinessSpec(kind=ProbeKind.COMMAND, command=["test", "-s", str(pidfile)], interval_s=0.05),
+    )
+    table = table_with(tmp_path, stubborn=spec)
+
+    async def scenario() -> tuple[float, list[int]]:
+        await table.start_all()
+        assert await table.get("stubborn").wait_ready(30)
+        pids = [int(p) for p in pidfile.read_text().split()]
+        started = asyncio.get_running_loop().time()
+        await table.stop_all()
+        return asyncio.get_running_loop().time() - started, pids
+
+    took, pids = asyncio.run(scenario())
+
+    assert took >= 2.0
+    assert [True, True] == [gone(pid) for pid in pids]
+    assert ["STOPPED->STARTING", "STARTING->RUNNING", "RUNNING->STOPPING", "STOPPING->STOPPED"] == [
+        f"{a}->{b}" for a, b in transitions(table, "stubborn")
+    ]
+
+
+def test_case_unwritable_log_path_is_a_spawn_error_with_the_os_reason(tmp_path: Path) -> None:
+    """Process table case 8: a log path that cannot be written is a spawn error with the OS text, no pid,
+    and backoff applies."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "web.log").mkdir()  # the log file's path is a directory: open() fails with EISDIR
+    spec = ServiceSpec(command=["true"], restart=RestartSpec(crash_loop_limit=2, fatal_retry_s=None))
+    table = table_with(tmp_path, web=spec)
+
+    async def scenario() -> dict[str, Any]:
+        await table.start_all()
+        service = table.get("web")
+        await await_until(lambda: service.state is ServiceState.FATAL, 30, what="FATAL")
+        return service.snapshot()
+
+    snap = asyncio.run(scenario())
+
+    assert f"cannot open log file {logs}/web.log: Is a directory" == snap["last_error"]
+    assert snap["pid"] is None
+    assert 1 == snap["restarts"]
+
+
+def test_case_crash_loop_backs_off_to_the_cap_with_the_reason_visible(tmp_path: Path) -> None:
+    """Process table case 9: a child that exits 1 forever gets growing delays up to the cap, never a storm,
+    and the failure count and last reason are visible."""
+    starts = tmp_path / "starts"
+    spec = ServiceSpec(
+        command=["{python}", str(PROGRAMS / "flaky.py"), str(starts), "1"],
+        readiness=ReadinessSpec(start_seconds=0),
+        restart=RestartSpec(
+            backoff_initial_s=0.05, backoff_factor=2, backoff_max_s=0.2, jitter=0, crash_loop_limit=100
+        ),
+    )
+    table = table_with(tmp_path, loop=spec)
+
+    async def scenario() -> tuple[int, str | None]:
+        await table.start_all()
+        service = table.get("loop")
+        await await_until(lambda: service.failures >= 6, 30, what="six failures")
+        await table.stop_all()
+        return service.failures, service.last_error
+
+    failures, last_error = asyncio.run(scenario())
+
+    delays = [e["reason"].rsplit("restarting in ", 1)[1] for e in table.events if e["to"] == "BACKOFF"][:6]
+    assert ["0.0s", "0.1s", "0.1s", "0.2s", "0.2s", "0.2s"] == delays
+    assert failures >= 6
+    assert "exited with code 1" == last_error
