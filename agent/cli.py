@@ -42,11 +42,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser("run", parents=[common], help="bootstrap this host and supervise it until SIGTERM")
     run.add_argument("--profile", help="profile name or path (overrides EMP_AGENT_PROFILE)")
-    status = sub.add_parser("status", parents=[common], help="show the running agent's state")
-    status.add_argument("--json", action="store_true", help="print the status document as JSON")
-    status.add_argument("--socket", type=Path, help="control socket (default: <runtime_dir>/agent.sock)")
     socket_opt = argparse.ArgumentParser(add_help=False)
     socket_opt.add_argument("--socket", type=Path, help="control socket (default: <runtime_dir>/agent.sock)")
+    status = sub.add_parser("status", parents=[common, socket_opt], help="show the running agent's state")
+    status.add_argument("--json", action="store_true", help="print the status document as JSON")
     for verb, text in (("start", "start"), ("stop", "stop (whole process tree)"), ("restart", "stop, then start")):
         control = sub.add_parser(verb, parents=[common, socket_opt], help=f"{text} instances of the running agent")
         control.add_argument(
