@@ -42,4 +42,4 @@ class PullModels:
         if failures:
             raise StageFailed(self.name, "; ".join(failures))
         pulled = sum(1 for s in ctx.model_status.values() if s.state == "pulled")
-        return f"{len(models)} model(s) verified, {pulled} pulled"
+        return f"{len(models)} model(s) in place: {pulled} pulled, {len(models) - pulled} already verified"

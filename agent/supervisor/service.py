@@ -246,8 +246,7 @@ class ManagedService:
         try:
             outcome = await self._await_ready(exit_task, stop_task)
             if outcome == "ready":
-                self._ready_since = self._monotonic()
-                self.last_error = None
+                self._ready_since = self._monotonic()  # last_error stays: it says how the previous run ended
                 self._set(ServiceState.RUNNING, f"ready ({self.spec.probe.describe()})")
                 await asyncio.wait({exit_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
                 outcome = "exited" if exit_task.done() else "stop"

@@ -77,6 +77,7 @@ def test_service_is_running_only_when_ready_and_is_restarted_after_sigkill(tmp_p
     assert result["first"] != result["second"]
     assert "killed by SIGKILL; restarting in 0.0s" == next(e["reason"] for e in table.events if e["to"] == "BACKOFF")
     assert ServiceState.STOPPED == result["state"]
+    assert ("killed by SIGKILL", 1) == (result["snap"]["last_error"], result["snap"]["restarts"])
     assert [
         ("STOPPED", "STARTING"),
         ("STARTING", "RUNNING"),
