@@ -115,6 +115,10 @@ class ReadinessSpec(_Frozen):
     interval_s: float = Field(default=0.5, gt=0)
     timeout_s: float = Field(default=120.0, gt=0, description="Start timeout: ready within this or failed.")
     start_seconds: float = Field(default=1.0, ge=0, description="For kind none: alive this long means ready.")
+    liveness_interval_s: float | None = Field(
+        default=None, gt=0, description="Repeat the probe this often while RUNNING (http, tcp, unix, command)."
+    )
+    liveness_failures: StrictInt = Field(default=3, ge=1, description="Failed liveness probes in a row = hung.")
 
     @model_validator(mode="after")
     def _fields_for_kind(self) -> ReadinessSpec:

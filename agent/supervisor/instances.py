@@ -36,6 +36,8 @@ class InstanceSpec:
     stop_signal: str
     stop_timeout_s: float
     memory_limit_mib: int | None = None
+    liveness_interval_s: float | None = None
+    liveness_failures: int = 3
     resource_interval_s: float = 2.0
     port: int | None = None
     gpu: GpuInfo | None = None
@@ -195,6 +197,8 @@ def _instance(
         stop_signal=spec.stop_signal,
         stop_timeout_s=spec.stop_timeout_s,
         memory_limit_mib=spec.memory_limit_mib,
+        liveness_interval_s=readiness.liveness_interval_s,
+        liveness_failures=readiness.liveness_failures,
         resource_interval_s=spec.resource_interval_s,
         port=port,
         gpu=gpu,

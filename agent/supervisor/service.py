@@ -26,6 +26,8 @@ from agent.supervisor.states import ServiceState, check_transition
 log = structlog.get_logger(__name__)
 
 EventSink = Callable[[dict[str, Any]], None]
+#: Probe kinds that can be repeated as a liveness check once the instance is RUNNING.
+LIVENESS_KINDS = frozenset({ProbeKind.HTTP, ProbeKind.TCP, ProbeKind.UNIX, ProbeKind.COMMAND})
 #: After SIGKILL, how long we wait for every process of the tree to disappear.
 REAP_DEADLINE_S = 10.0
 
@@ -144,7 +146,7 @@ class ManagedService:
     # ---- internals --------------------------------------------------------------------------------------
 
     _child: Child | None = None
-    _over_limit: str | None = None
+    _killed_reason: str | None = None
     _log_offset: int = 0
     _notify: NotifyListener | None = None
 
@@ -241,13 +243,16 @@ class ManagedService:
             self._ledger.spawned(self.spec.name, child.pid, child.tag)
         exit_task = asyncio.create_task(child.wait())
         stop_task = asyncio.create_task(self._stop.wait())
-        self._over_limit = None
+        self._killed_reason = None
         watcher = asyncio.create_task(self._watch_memory(child)) if self.spec.memory_limit_mib else None
+        liveness: asyncio.Task[None] | None = None
         try:
             outcome = await self._await_ready(exit_task, stop_task)
             if outcome == "ready":
                 self._ready_since = self._monotonic()  # last_error stays: it says how the previous run ended
                 self._set(ServiceState.RUNNING, f"ready ({self.spec.probe.describe()})")
+                if self.spec.liveness_interval_s and self.spec.probe.kind in LIVENESS_KINDS:
+                    liveness = asyncio.create_task(self._watch_liveness(child))
                 await asyncio.wait({exit_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
                 outcome = "exited" if exit_task.done() else "stop"
             if outcome == "stop":
@@ -264,16 +269,17 @@ class ManagedService:
             await self._reap_leftovers(child)
             self.last_exit_code = returncode
             was_ready = self._ready_since is not None
-            if self._over_limit:  # killed by us: a failure whatever the exit code says
-                self.last_error = self._over_limit
+            if self._killed_reason:  # killed by us: a failure whatever the exit code says
+                self.last_error = self._killed_reason
                 return policy.ExitFacts(None, was_ready, self._ready_since, ended)
             self.last_error = _describe_exit(returncode, was_ready)
             return policy.ExitFacts(returncode, was_ready, self._ready_since, ended)
         finally:
             stop_task.cancel()
             self._close_notify()
-            if watcher is not None:
-                watcher.cancel()
+            for task in (watcher, liveness):
+                if task is not None:
+                    task.cancel()
             self.pid = None
             self._child = None
             if self._ledger is not None:
@@ -293,12 +299,34 @@ class ManagedService:
             rss = await asyncio.to_thread(child.tree_rss_mib)
             if rss <= limit:
                 continue
-            self._over_limit = f"memory limit: process tree RSS {rss} MiB > {limit} MiB"
             log.warning("memory limit exceeded, restarting", instance=self.spec.name, rss_mib=rss, limit_mib=limit)
-            child.signal_group(signal.Signals[self.spec.stop_signal])
-            await asyncio.sleep(self.spec.stop_timeout_s)
-            child.kill_tree()
+            await self._kill_for(child, f"memory limit: process tree RSS {rss} MiB > {limit} MiB")
             return
+
+    async def _watch_liveness(self, child: Child) -> None:
+        """While RUNNING, repeat the readiness probe every liveness interval; after `liveness_failures` failures
+        in a row the instance is hung (e.g. SIGSTOPped, deadlocked): stop it and restart it as a failure."""
+        misses = 0
+        while True:
+            await asyncio.sleep(self.spec.liveness_interval_s or 0)
+            if await attempt(self.spec.probe, self.spec.env, self.spec.log_path, self._log_offset):
+                misses = 0
+                continue
+            misses += 1
+            if misses >= self.spec.liveness_failures:
+                reason = f"not live: {misses} probes failed in a row ({self.spec.probe.describe()})"
+                log.warning("service stopped answering, restarting", instance=self.spec.name, reason=reason)
+                await self._kill_for(child, reason)
+                return
+
+    async def _kill_for(self, child: Child, reason: str) -> None:
+        """Stop the tree on our own initiative; the exit that follows is a failure with `reason`."""
+        self._killed_reason = reason
+        child.signal_group(signal.Signals[self.spec.stop_signal])
+        with contextlib.suppress(ProcessLookupError):
+            child.signal_group(signal.SIGCONT)  # a stopped (SIGSTOP) process cannot act on the stop signal
+        await asyncio.sleep(self.spec.stop_timeout_s)
+        child.kill_tree()
 
     async def _await_ready(self, exit_task: asyncio.Task[int], stop_task: asyncio.Task[Any]) -> str:
         deadline = self._monotonic() + self.spec.start_timeout_s

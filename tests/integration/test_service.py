@@ -473,3 +473,36 @@ def test_case_crash_loop_backs_off_to_the_cap_with_the_reason_visible(tmp_path: 
     assert ["0.0s", "0.1s", "0.1s", "0.2s", "0.2s", "0.2s"] == delays
     assert failures >= 6
     assert "exited with code 1" == last_error
+
+
+def test_a_hung_service_is_detected_by_liveness_and_restarted(tmp_path: Path) -> None:
+    """A RUNNING server that stops answering (SIGSTOP) fails its liveness probes and is restarted as a failure."""
+    pidfile = tmp_path / "pid"
+    spec = ServiceSpec(
+        command=["{python}", str(PROGRAMS / "http_service.py"), "{port}", str(pidfile)],
+        port=free_port(),
+        stop_timeout_s=2,
+        readiness=ReadinessSpec(kind=ProbeKind.HTTP, interval_s=0.05, liveness_interval_s=0.1, liveness_failures=2),
+        restart=FAST,
+    )
+    table = table_with(tmp_path, web=spec)
+
+    async def scenario() -> tuple[int, int]:
+        await table.start_all()
+        service = table.get("web")
+        assert await service.wait_ready(30)
+        hung = int(pidfile.read_text())
+        os.kill(hung, signal.SIGSTOP)
+        await await_until(
+            lambda: service.restarts == 1 and service.state is ServiceState.RUNNING, 60, what="restart after the hang"
+        )
+        fresh = int(pidfile.read_text())
+        await table.stop_all()
+        return hung, fresh
+
+    hung, fresh = asyncio.run(scenario())
+
+    reason = next(e["reason"] for e in table.events if e["to"] == "BACKOFF")
+    assert reason.startswith("not live: 2 probes failed in a row (http http://127.0.0.1:")
+    assert hung != fresh
+    assert gone(hung)
