@@ -90,9 +90,10 @@ class ProcessTable:
 
     async def _control_one(self, action: str, service: ManagedService, sig: int | None) -> dict[str, Any]:
         name = service.spec.name
-        deferred = self._deferred.pop(name, None)
-        if deferred is not None:
-            deferred.cancel()
+        if action != "signal":  # an operator's start/stop/restart replaces a start waiting on a dependency
+            deferred = self._deferred.pop(name, None)
+            if deferred is not None:
+                deferred.cancel()
         error = None
         new_spec = None
         if action == "restart" and self._respec is not None:
@@ -140,17 +141,25 @@ class ProcessTable:
             waiting.append(name)
         return waiting
 
-    async def _dependencies_ready(self, service: ManagedService) -> str | None:
+    def dependencies_of(self, service: ManagedService) -> list[ManagedService]:
+        """The instances `service` waits for: per dependency, the instance on the same slot (a worker waits for
+        the ComfyUI on its own GPU, not for every GPU's), or every instance when none shares its slot."""
+        found = []
         for dep in service.spec.depends_on:
-            for instance in self.instances_of(dep):
-                if not await instance.wait_ready(instance.spec.start_timeout_s):
-                    return f"dependency {instance.spec.name} ({instance.state.value})"
+            instances = self.instances_of(dep)
+            same_slot = [i for i in instances if i.spec.slot == service.spec.slot]
+            found += same_slot if len(instances) > 1 and same_slot else instances
+        return found
+
+    async def _dependencies_ready(self, service: ManagedService) -> str | None:
+        for instance in self.dependencies_of(service):
+            if not await instance.wait_ready(instance.spec.start_timeout_s):
+                return f"dependency {instance.spec.name} ({instance.state.value})"
         return None
 
     async def _start_when_ready(self, service: ManagedService) -> None:
-        for dep in service.spec.depends_on:
-            for instance in self.instances_of(dep):
-                await instance.wait_running()
+        for instance in self.dependencies_of(service):
+            await instance.wait_running()
         self._deferred.pop(service.spec.name, None)
         service.last_error = None
         service.start()

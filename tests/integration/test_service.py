@@ -506,3 +506,48 @@ def test_a_hung_service_is_detected_by_liveness_and_restarted(tmp_path: Path) ->
     assert reason.startswith("not live: 2 probes failed in a row (http http://127.0.0.1:")
     assert hung != fresh
     assert gone(hung)
+
+
+def test_a_per_gpu_worker_waits_only_for_the_service_on_its_own_gpu(tmp_path: Path) -> None:
+    """With two GPUs, worker-1 starts when comfy-1 is ready even though comfy-0 never gets ready."""
+    from agent.host.gpu import GpuInfo
+
+    comfy = ServiceSpec(
+        command=[
+            "sh",
+            "-c",
+            'test "$EMP_SLOT" = 1 || exit 1; exec "$0" "$1" "$2"',
+            sys.executable,
+            str(PROGRAMS / "hang.py"),
+            str(tmp_path / "comfy.pid"),
+        ],
+        per_gpu=True,
+        readiness=ReadinessSpec(start_seconds=0.1, timeout_s=1),
+        restart=RestartSpec(crash_loop_limit=1, fatal_retry_s=None),
+    )
+    worker = ServiceSpec(
+        command=[sys.executable, str(PROGRAMS / "hang.py"), str(tmp_path / "w-{slot}.pid")],
+        per_gpu=True,
+        depends_on=["comfy"],
+        readiness=ReadinessSpec(start_seconds=0.1),
+    )
+    gpus = [GpuInfo(index=0, uuid="GPU-a"), GpuInfo(index=1, uuid="GPU-b")]
+    table = ProcessTable(ProcessLauncher())
+    profile = Profile(name="t", source="t", services={"comfy": comfy, "worker": worker})
+    for spec in expand(profile, gpus, Paths(tmp_path, tmp_path, tmp_path / "logs"), "m", {}):
+        table.add(spec)
+
+    async def scenario() -> dict[str, ServiceState]:
+        waiting = await table.start_all()
+        await await_until(lambda: table.get("worker-1").state is ServiceState.RUNNING, 30, what="worker-1")
+        states = {name: table.get(name).state for name in table.names()}
+        await table.stop_all()
+        assert ["worker-0"] == waiting
+        return states
+
+    assert {
+        "comfy-0": ServiceState.FATAL,
+        "comfy-1": ServiceState.RUNNING,
+        "worker-0": ServiceState.STOPPED,
+        "worker-1": ServiceState.RUNNING,
+    } == asyncio.run(scenario())
