@@ -154,6 +154,8 @@ class ServiceSpec(_Frozen):
         default=None, ge=1, description="RSS of the whole process tree; above it the instance is restarted."
     )
     resource_interval_s: float = Field(default=2.0, ge=0.1, le=60, description="How often limits are checked.")
+    log_max_mib: StrictInt = Field(default=50, ge=0, description="Rotate the output log past this; 0: never.")
+    log_backups: StrictInt = Field(default=5, ge=0, le=100, description="Rotated files kept (.1 newest).")
     capabilities: list[str] = Field(default_factory=list, description="Job-facing service names.")
     depends_on: list[str] = Field(default_factory=list)
     required: StrictBool = Field(default=True, description="A required service that is down degrades the host.")

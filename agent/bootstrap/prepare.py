@@ -8,7 +8,7 @@ from pathlib import Path
 
 from agent.bootstrap.context import BootstrapContext
 from agent.errors import SpawnError, StageFailed
-from agent.host.launcher import ProcessLauncher
+from agent.host.launcher import LogSpec, ProcessLauncher
 from agent.supervisor.instances import BASE_ENV
 
 TAIL_LINES = 5
@@ -42,10 +42,11 @@ class Prepare:
             env.update({k: v.format_map(values) for k, v in ctx.profile.env.items()})
             env.update({k: v.format_map(values) for k, v in step.env.items()})
             log_path = ctx.paths.log_dir / f"prepare-{name}.log"
+            log_spec = LogSpec(log_path, header=f"=== emp-agent: prepare step {name}")
             argv = [arg.format_map(values) for arg in step.command]
             cwd = step.cwd.format_map(values) if step.cwd else None
             try:
-                child = await self._launcher.spawn(argv, env, cwd, log_path)
+                child = await self._launcher.spawn(argv, env, cwd, log_spec)
             except SpawnError as exc:
                 raise StageFailed(self.name, f"step {name}: {exc}") from None
             try:
@@ -53,11 +54,14 @@ class Prepare:
             except TimeoutError:
                 child.kill_tree()
                 await child.wait()
+                await child.close_logs()
                 raise StageFailed(self.name, f"step {name}: timed out after {step.timeout_s:g}s") from None
             except asyncio.CancelledError:  # shutdown during the step: leave nothing running
                 child.kill_tree()
                 await asyncio.shield(child.wait())
+                await asyncio.shield(child.close_logs())
                 raise
+            await child.close_logs()  # every line of the step is in the file before we read its tail
             if code != 0:
                 raise StageFailed(self.name, f"step {name}: exited with {code}; {_tail(log_path)}")
             if creates is not None and not await asyncio.to_thread(creates.exists):

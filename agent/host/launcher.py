@@ -6,8 +6,10 @@ import asyncio
 import contextlib
 import os
 import signal
+import sys
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -17,6 +19,8 @@ from agent.errors import SpawnError
 
 #: Set in every child's environment; inherited by its descendants, so escaped ones can still be found.
 TAG_VARIABLE = "EMP_SPAWN_TAG"
+#: How long the log writer may take to drain after the instance's last process is gone.
+SHIM_EXIT_TIMEOUT_S = 5.0
 #: psutil create times of one process read at different moments agree to within this (seconds).
 CREATE_TIME_SLACK_S = 0.05
 
@@ -52,16 +56,21 @@ class Child(Protocol):
         """Resident memory of every live process of the instance, in MiB."""
         ...
 
+    async def close_logs(self) -> None:
+        """After the tree is gone: wait for the log writer to drain and exit."""
+        ...
+
 
 class Launcher(Protocol):
     """Starts processes."""
 
-    async def spawn(self, argv: Sequence[str], env: Mapping[str, str], cwd: str | None, log_path: Path) -> Child: ...
+    async def spawn(self, argv: Sequence[str], env: Mapping[str, str], cwd: str | None, log: LogSpec) -> Child: ...
 
 
 class _OsChild:
-    def __init__(self, process: asyncio.subprocess.Process, tag: str) -> None:
+    def __init__(self, process: asyncio.subprocess.Process, tag: str, shim: asyncio.subprocess.Process) -> None:
         self._process = process
+        self._shim = shim
         self.tag = tag
         self._known: dict[int, psutil.Process] = {}
         try:
@@ -103,6 +112,15 @@ class _OsChild:
 
     def group_alive(self) -> bool:
         return bool(self.members())
+
+    async def close_logs(self) -> None:
+        # The writer ends at EOF, once every process holding the pipe is gone; never wait for it forever.
+        try:
+            await asyncio.wait_for(asyncio.shield(self._shim.wait()), SHIM_EXIT_TIMEOUT_S)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                self._shim.kill()
+            await self._shim.wait()
 
     def tree_rss_mib(self) -> int:
         total = 0
@@ -146,21 +164,63 @@ def _alive(proc: psutil.Process) -> bool:
         return False
 
 
-class ProcessLauncher:
-    """Spawns each child in a new session, stdin from /dev/null, stdout+stderr appended to its log file."""
+@dataclass(frozen=True)
+class LogSpec:
+    """Where an instance's output goes: the file, its rotation, and a header line for this start."""
 
-    async def spawn(self, argv: Sequence[str], env: Mapping[str, str], cwd: str | None, log_path: Path) -> Child:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
+    path: Path
+    max_bytes: int = 50 * 1024 * 1024
+    backups: int = 5
+    header: str | None = None
+
+    @property
+    def state_path(self) -> Path:
+        """The log writer's counters, last error and tail (JSON)."""
+        return self.path.with_name(f".{self.path.name}.state.json")
+
+
+class ProcessLauncher:
+    """Spawns each child in a new session, stdin from /dev/null, stdout+stderr into a pipe drained by its own
+    log writer (`agent.logshim`), which timestamps, rotates and never blocks the child."""
+
+    async def spawn(self, argv: Sequence[str], env: Mapping[str, str], cwd: str | None, log: LogSpec) -> Child:
         try:
-            log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+            log.path.parent.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(log.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640))
         except OSError as exc:
-            raise SpawnError(f"cannot open log file {log_path}: {exc.strerror}") from None
+            raise SpawnError(f"cannot open log file {log.path}: {exc.strerror}") from None
+        read_end, write_end = os.pipe()
+        try:
+            shim = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "agent.logshim",
+                "--log",
+                str(log.path),
+                "--state",
+                str(log.state_path),
+                "--max-bytes",
+                str(log.max_bytes),
+                "--backups",
+                str(log.backups),
+                *(["--header", log.header] if log.header else []),
+                stdin=read_end,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
+                env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"},
+                start_new_session=True,
+            )
+        except OSError as exc:
+            os.close(write_end)
+            raise SpawnError(f"cannot start the log writer: {exc.strerror or exc}") from None
+        finally:
+            os.close(read_end)
         tag = uuid.uuid4().hex
         try:
             process = await asyncio.create_subprocess_exec(
                 *argv,
                 stdin=asyncio.subprocess.DEVNULL,
-                stdout=log_fd,
+                stdout=write_end,
                 stderr=asyncio.subprocess.STDOUT,
                 env={**env, TAG_VARIABLE: tag},
                 cwd=cwd,
@@ -169,11 +229,14 @@ class ProcessLauncher:
         except FileNotFoundError as exc:
             missing = cwd if cwd and exc.filename == cwd else argv[0]
             what = "working directory" if missing == cwd else "command"
-            raise SpawnError(f"can't find {what} {missing!r}") from None
+            error = SpawnError(f"can't find {what} {missing!r}")
         except PermissionError:
-            raise SpawnError(f"permission denied executing {argv[0]!r}") from None
+            error = SpawnError(f"permission denied executing {argv[0]!r}")
         except OSError as exc:
-            raise SpawnError(f"cannot start {argv[0]!r}: {exc.strerror or exc}") from None
+            error = SpawnError(f"cannot start {argv[0]!r}: {exc.strerror or exc}")
+        else:
+            return _OsChild(process, tag, shim)
         finally:
-            os.close(log_fd)
-        return _OsChild(process, tag)
+            os.close(write_end)
+        await shim.wait()  # EOF at once: nobody holds the pipe
+        raise error

@@ -54,10 +54,15 @@ async def attempt(
         return False
 
 
+#: The log writer's per-line timestamp, removed before a log pattern is matched.
+STAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z ", re.MULTILINE)
+
+
 def _log_matches(log: Path, offset: int, pattern: str) -> bool:
     with log.open("rb") as handle:
-        handle.seek(offset)
-        text = handle.read().decode(errors="replace")
+        size = handle.seek(0, 2)
+        handle.seek(offset if offset <= size else 0)  # rotated since the start: the new file is all ours
+        text = STAMP.sub("", handle.read().decode(errors="replace"))
     return re.search(pattern, text, re.MULTILINE) is not None
 
 

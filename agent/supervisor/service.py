@@ -9,13 +9,15 @@ import signal
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import structlog
 
 from agent.errors import SpawnError
-from agent.host.launcher import Child, Launcher
+from agent.host.launcher import Child, Launcher, LogSpec
 from agent.profile import ProbeKind
+from agent.statefile import read_json
 from agent.supervisor import policy
 from agent.supervisor.instances import InstanceSpec
 from agent.supervisor.ledger import ProcessLedger
@@ -140,7 +142,7 @@ class ManagedService:
             "last_exit_code": self.last_exit_code,
             "capabilities": list(self.spec.capabilities),
             "required": self.spec.required,
-            "log": str(self.spec.log_path),
+            "log": {"path": str(self.spec.log_path), **_log_state(self.spec.log_path)},
         }
 
     # ---- internals --------------------------------------------------------------------------------------
@@ -223,7 +225,6 @@ class ManagedService:
         if self._starts > 1:
             self.restarts += 1
         self._ready_since = None
-        self._write_header()
         try:
             self._log_offset = self.spec.log_path.stat().st_size
         except OSError:
@@ -233,7 +234,13 @@ class ManagedService:
         if self._notify is not None:
             env["NOTIFY_SOCKET"] = self._notify.env_value
         try:
-            child = await self._launcher.spawn(self.spec.argv, env, self.spec.cwd, self.spec.log_path)
+            log_spec = LogSpec(
+                self.spec.log_path,
+                self.spec.log_max_bytes,
+                self.spec.log_backups,
+                header=f"=== emp-agent: start #{self._starts} of {self.spec.name}",
+            )
+            child = await self._launcher.spawn(self.spec.argv, env, self.spec.cwd, log_spec)
         except SpawnError as exc:
             self.last_error = str(exc)
             self._close_notify()
@@ -376,14 +383,9 @@ class ManagedService:
             child.kill_tree()
             if self._monotonic() > deadline:
                 log.error("processes of the instance survive SIGKILL", instance=self.spec.name)
-                return
+                break
             await asyncio.sleep(0.05)
-
-    def _write_header(self) -> None:
-        with contextlib.suppress(OSError):
-            self.spec.log_path.parent.mkdir(parents=True, exist_ok=True)
-            with self.spec.log_path.open("a", encoding="utf-8") as handle:
-                handle.write(f"=== emp-agent: start #{self._starts} of {self.spec.name} at {iso_now()}\n")
+        await child.close_logs()
 
 
 def _describe_exit(returncode: int, was_ready: bool) -> str:
@@ -395,3 +397,11 @@ def _describe_exit(returncode: int, was_ready: bool) -> str:
             name = f"signal {-returncode}"
         return f"killed by {name}{when}"
     return f"exited with code {returncode}{when}"
+
+
+def _log_state(log_path: Path) -> dict[str, Any]:
+    """The log writer's counters and last error (empty before the first start)."""
+    state = read_json(LogSpec(log_path).state_path)
+    if not isinstance(state, dict):
+        return {}
+    return {"dropped_lines": state.get("dropped_lines", 0), "last_error": state.get("last_error")}

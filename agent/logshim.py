@@ -1,0 +1,183 @@
+"""The log writer of one service instance: reads the instance's output pipe, timestamps every line, writes a
+size-rotated file with a bounded number of backups, keeps a tail, and never blocks the writer.
+
+Run as `python -m agent.logshim` by the launcher, in its own session, so it outlives neither more nor less than
+the output pipe: it exits when every process holding the pipe's write end is gone. A write failure (disk full,
+read-only file system) drops the line, counts it, and is retried at most once a second; the counters, the last
+error and the tail are published in a small JSON state file next to the log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any, BinaryIO
+
+CHUNK = 64 * 1024
+#: Longer lines are split: a service printing without newlines cannot make us buffer without bound.
+MAX_LINE = 64 * 1024
+TAIL_LINES = 50
+STATE_EVERY_S = 1.0
+REOPEN_EVERY_S = 1.0
+
+
+def utc_stamp(now: float) -> bytes:
+    """ISO 8601 UTC with milliseconds, e.g. 2026-12-03T13:55:33.123Z."""
+    seconds = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
+    return f"{seconds}.{int(now * 1000) % 1000:03d}Z ".encode()
+
+
+class RotatingWriter:
+    """Appends to `path`; past `max_bytes` renames path -> path.1 -> … -> path.N (oldest dropped)."""
+
+    def __init__(self, path: Path, max_bytes: int, backups: int) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self.backups = backups
+        self._file: BinaryIO | None = None
+        self._size = 0
+        self._next_open = 0.0
+        self.last_error: str | None = None
+        self.dropped_lines = 0
+        self.lines = 0
+
+    def reopen(self) -> None:
+        """Close and reopen on the next write (external logrotate moved the file)."""
+        self._close()
+        self._next_open = 0.0
+
+    def write(self, line: bytes, now: float) -> None:
+        """Write one full line (timestamp included); on failure drop it and remember why."""
+        try:
+            handle = self._handle(now)
+            if handle is None:
+                self.dropped_lines += 1
+                return
+            if self.max_bytes and self._size and self._size + len(line) > self.max_bytes:
+                self._rotate()
+                handle = self._handle(now)
+                if handle is None:
+                    self.dropped_lines += 1
+                    return
+            handle.write(line)
+            handle.flush()
+            self._size += len(line)
+            self.lines += 1
+        except OSError as exc:
+            self.last_error = f"{self.path}: {exc.strerror or exc}"
+            self.dropped_lines += 1
+            self._close()
+            self._next_open = now + REOPEN_EVERY_S
+
+    def _handle(self, now: float) -> BinaryIO | None:
+        if self._file is not None:
+            return self._file
+        if now < self._next_open:
+            return None
+        try:
+            self._file = self.path.open("ab", buffering=0)
+            self._size = self._file.seek(0, os.SEEK_END)
+        except OSError as exc:
+            self.last_error = f"{self.path}: {exc.strerror or exc}"
+            self._next_open = now + REOPEN_EVERY_S
+            return None
+        return self._file
+
+    def _rotate(self) -> None:
+        self._close()
+        if self.backups <= 0:
+            self.path.open("wb").close()
+            return
+        for index in range(self.backups - 1, 0, -1):
+            older = self.path.with_name(f"{self.path.name}.{index}")
+            if older.exists():
+                os.replace(older, self.path.with_name(f"{self.path.name}.{index + 1}"))
+        os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+
+    def _close(self) -> None:
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
+
+
+def publish(state: Path, writer: RotatingWriter, tail: deque[str]) -> None:
+    """Write the state file atomically (no fsync: it only describes the running instance)."""
+    data: dict[str, Any] = {
+        "lines": writer.lines,
+        "dropped_lines": writer.dropped_lines,
+        "last_error": writer.last_error,
+        "tail": list(tail),
+    }
+    tmp = state.with_name(f".{state.name}.tmp")
+    with contextlib.suppress(OSError):
+        tmp.write_text(json.dumps(data), encoding="utf-8")
+        os.replace(tmp, state)
+
+
+def pump(source: int, writer: RotatingWriter, state: Path, header: str | None) -> None:
+    """Copy lines from `source` until EOF."""
+    reopen = False
+
+    def on_hup(signum: int, frame: object) -> None:
+        nonlocal reopen
+        reopen = True
+
+    signal.signal(signal.SIGHUP, on_hup)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # we end at EOF, after the last line of the service
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    tail: deque[str] = deque(maxlen=TAIL_LINES)
+    if header:
+        writer.write(utc_stamp(time.time()) + header.encode() + b"\n", time.time())
+    pending = b""
+    published = 0.0
+    while True:
+        try:
+            chunk = os.read(source, CHUNK)
+        except InterruptedError:
+            continue
+        now = time.time()
+        if reopen:
+            writer.reopen()
+            reopen = False
+        if not chunk:
+            break
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        if len(pending) > MAX_LINE:
+            lines.append(pending)
+            pending = b""
+        stamp = utc_stamp(now)
+        for line in lines:
+            writer.write(stamp + line + b"\n", now)
+            tail.append(line.decode(errors="replace"))
+        if now - published >= STATE_EVERY_S:
+            publish(state, writer, tail)
+            published = now
+    if pending:
+        writer.write(utc_stamp(time.time()) + pending + b"\n", time.time())
+        tail.append(pending.decode(errors="replace"))
+    publish(state, writer, tail)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `python -m agent.logshim`; reads standard input."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--log", type=Path, required=True)
+    parser.add_argument("--state", type=Path, required=True)
+    parser.add_argument("--max-bytes", type=int, default=50 * 1024 * 1024)
+    parser.add_argument("--backups", type=int, default=5)
+    parser.add_argument("--header")
+    args = parser.parse_args(argv)
+    pump(0, RotatingWriter(args.log, args.max_bytes, args.backups), args.state, args.header)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,90 @@
+"""Service output: timestamped, rotated without losing or duplicating a line, and never blocking the child."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from pathlib import Path
+
+from agent.host.launcher import LogSpec, ProcessLauncher
+from agent.profile import Profile, ReadinessSpec, RestartPolicy, RestartSpec, ServiceSpec
+from agent.supervisor.instances import Paths, expand
+from agent.supervisor.states import ServiceState
+from agent.supervisor.table import ProcessTable
+from tests.helpers import await_until
+
+PROGRAMS = Path(__file__).resolve().parent.parent / "programs"
+ONCE = RestartSpec(policy=RestartPolicy.ON_FAILURE)
+LINE = re.compile(rb"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z line (\d{8}) x{85}$")
+
+
+def run_until_exited(tmp_path: Path, spec: ServiceSpec) -> dict:  # type: ignore[type-arg]
+    table = ProcessTable(ProcessLauncher())
+    for instance in expand(
+        Profile(name="t", source="t", services={"chatty": spec}),
+        [],
+        Paths(tmp_path, tmp_path, tmp_path / "logs"),
+        "m",
+        {},
+    ):
+        table.add(instance)
+
+    async def scenario() -> dict:  # type: ignore[type-arg]
+        await table.start_all()
+        service = table.get("chatty")
+        await await_until(lambda: service.state is ServiceState.EXITED, 120, what="EXITED")
+        return service.snapshot()
+
+    return asyncio.run(scenario())
+
+
+def test_rotation_keeps_every_line_once_and_bounds_the_disk(tmp_path: Path) -> None:
+    """Process table case 4 (scaled down): 6 MiB through 1 MiB x 3 backups: at most ~4 MiB on disk, and the
+    kept lines are consecutive, each once, each with a timestamp."""
+    spec = ServiceSpec(
+        command=["{python}", str(PROGRAMS / "chatty.py"), str(6 * 1024 * 1024)],
+        readiness=ReadinessSpec(start_seconds=0),
+        restart=ONCE,
+        log_max_mib=1,
+        log_backups=3,
+    )
+
+    snap = run_until_exited(tmp_path, spec)
+
+    logs = tmp_path / "logs"
+    files = [logs / f"chatty.log.{n}" for n in (3, 2, 1)] + [logs / "chatty.log"]
+    assert sum(f.stat().st_size for f in files) <= 4 * 1024 * 1024 + 200
+    assert not (logs / "chatty.log.4").exists()
+    numbers = []
+    for path in files:
+        for raw in path.read_bytes().splitlines():
+            match = LINE.match(raw)
+            if match:
+                numbers.append(int(match.group(1)))
+            else:
+                assert raw.split(b" ", 1)[1].startswith(b"=== emp-agent: start #1 of chatty"), raw
+    assert numbers == list(range(numbers[0], numbers[0] + len(numbers)))
+    assert (6 * 1024 * 1024) // 100 - 1 == numbers[-1]
+    assert 0 == snap["log"]["dropped_lines"]
+
+
+def test_a_failing_log_never_blocks_the_child_and_is_reported(tmp_path: Path) -> None:
+    """Process table case 3: with every log write failing (the log is /dev/full), a child writing 10 MB as
+    fast as it can still finishes; status reports the dropped lines and the error."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "chatty.log").symlink_to("/dev/full")
+    spec = ServiceSpec(
+        command=["{python}", str(PROGRAMS / "chatty.py"), str(10 * 1000 * 1000)],
+        readiness=ReadinessSpec(start_seconds=0),
+        restart=ONCE,
+    )
+
+    snap = run_until_exited(tmp_path, spec)
+
+    assert ("EXITED", "exited with code 0") == (snap["state"], snap["last_error"])
+    assert snap["log"]["dropped_lines"] >= 100_000
+    assert snap["log"]["last_error"].endswith("chatty.log: No space left on device")
+    state = json.loads(LogSpec(logs / "chatty.log").state_path.read_text())
+    assert state["tail"][-1].startswith("line 00099999 ")
