@@ -121,7 +121,7 @@ def publish(state: Path, writer: RotatingWriter, tail: deque[str]) -> None:
         os.replace(tmp, state)
 
 
-def pump(source: int, writer: RotatingWriter, state: Path, header: str | None) -> None:
+def pump(source: int, writer: RotatingWriter, state: Path) -> None:
     """Copy lines from `source` until EOF."""
     reopen = False
 
@@ -133,8 +133,6 @@ def pump(source: int, writer: RotatingWriter, state: Path, header: str | None) -
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # we end at EOF, after the last line of the service
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     tail: deque[str] = deque(maxlen=TAIL_LINES)
-    if header:
-        writer.write(utc_stamp(time.time()) + header.encode() + b"\n", time.time())
     pending = b""
     published = 0.0
     while True:
@@ -173,9 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state", type=Path, required=True)
     parser.add_argument("--max-bytes", type=int, default=50 * 1024 * 1024)
     parser.add_argument("--backups", type=int, default=5)
-    parser.add_argument("--header")
     args = parser.parse_args(argv)
-    pump(0, RotatingWriter(args.log, args.max_bytes, args.backups), args.state, args.header)
+    pump(0, RotatingWriter(args.log, args.max_bytes, args.backups), args.state)
     return 0
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from agent.bootstrap.context import BootstrapContext
 from agent.errors import SpawnError, StageFailed
-from agent.host.launcher import LogSpec, ProcessLauncher
+from agent.host.launcher import LogPipe, LogSpec, ProcessLauncher
 from agent.supervisor.instances import BASE_ENV
 
 TAIL_LINES = 5
@@ -42,32 +42,41 @@ class Prepare:
             env.update({k: v.format_map(values) for k, v in ctx.profile.env.items()})
             env.update({k: v.format_map(values) for k, v in step.env.items()})
             log_path = ctx.paths.log_dir / f"prepare-{name}.log"
-            log_spec = LogSpec(log_path, header=f"=== emp-agent: prepare step {name}")
             argv = [arg.format_map(values) for arg in step.command]
             cwd = step.cwd.format_map(values) if step.cwd else None
             try:
-                child = await self._launcher.spawn(argv, env, cwd, log_spec)
+                output = await self._launcher.open_log(LogSpec(log_path))
             except SpawnError as exc:
                 raise StageFailed(self.name, f"step {name}: {exc}") from None
             try:
-                code = await asyncio.wait_for(child.wait(), step.timeout_s)
-            except TimeoutError:
-                child.kill_tree()
-                await child.wait()
-                await child.close_logs()
-                raise StageFailed(self.name, f"step {name}: timed out after {step.timeout_s:g}s") from None
-            except asyncio.CancelledError:  # shutdown during the step: leave nothing running
-                child.kill_tree()
-                await asyncio.shield(child.wait())
-                await asyncio.shield(child.close_logs())
-                raise
-            await child.close_logs()  # every line of the step is in the file before we read its tail
+                code = await self._run_step(name, output, argv, env, cwd, step.timeout_s)
+            finally:
+                await asyncio.shield(output.close())  # every line of the step is in the file before we read it
             if code != 0:
                 raise StageFailed(self.name, f"step {name}: exited with {code}; {_tail(log_path)}")
             if creates is not None and not await asyncio.to_thread(creates.exists):
                 raise StageFailed(self.name, f"step {name}: succeeded but did not create {step.creates}")
             ran += 1
         return f"{ran} step(s) run, {skipped} already done"
+
+    async def _run_step(
+        self, name: str, output: LogPipe, argv: list[str], env: dict[str, str], cwd: str | None, timeout_s: float
+    ) -> int:
+        output.write_line(f"=== emp-agent: prepare step {name}")
+        try:
+            child = await self._launcher.spawn(argv, env, cwd, output)
+        except SpawnError as exc:
+            raise StageFailed(self.name, f"step {name}: {exc}") from None
+        try:
+            return await asyncio.wait_for(child.wait(), timeout_s)
+        except TimeoutError:
+            child.kill_tree()
+            await child.wait()
+            raise StageFailed(self.name, f"step {name}: timed out after {timeout_s:g}s") from None
+        except asyncio.CancelledError:  # shutdown during the step: leave nothing running
+            child.kill_tree()
+            await asyncio.shield(child.wait())
+            raise
 
 
 def _tail(path: Path) -> str:

@@ -21,6 +21,8 @@ from agent.errors import SpawnError
 TAG_VARIABLE = "EMP_SPAWN_TAG"
 #: How long the log writer may take to drain after the instance's last process is gone.
 SHIM_EXIT_TIMEOUT_S = 5.0
+#: Writes up to this size to a pipe are atomic (never interleaved with a child's output).
+PIPE_BUF = 4096
 #: psutil create times of one process read at different moments agree to within this (seconds).
 CREATE_TIME_SLACK_S = 0.05
 
@@ -56,21 +58,18 @@ class Child(Protocol):
         """Resident memory of every live process of the instance, in MiB."""
         ...
 
-    async def close_logs(self) -> None:
-        """After the tree is gone: wait for the log writer to drain and exit."""
-        ...
-
 
 class Launcher(Protocol):
-    """Starts processes."""
+    """Starts processes and the log writers their output goes to."""
 
-    async def spawn(self, argv: Sequence[str], env: Mapping[str, str], cwd: str | None, log: LogSpec) -> Child: ...
+    async def open_log(self, spec: LogSpec) -> LogPipe: ...
+
+    async def spawn(self, argv: Sequence[str], env: Mapping[str, str], cwd: str | None, log: LogPipe) -> Child: ...
 
 
 class _OsChild:
-    def __init__(self, process: asyncio.subprocess.Process, tag: str, shim: asyncio.subprocess.Process) -> None:
+    def __init__(self, process: asyncio.subprocess.Process, tag: str) -> None:
         self._process = process
-        self._shim = shim
         self.tag = tag
         self._known: dict[int, psutil.Process] = {}
         try:
@@ -112,15 +111,6 @@ class _OsChild:
 
     def group_alive(self) -> bool:
         return bool(self.members())
-
-    async def close_logs(self) -> None:
-        # The writer ends at EOF, once every process holding the pipe is gone; never wait for it forever.
-        try:
-            await asyncio.wait_for(asyncio.shield(self._shim.wait()), SHIM_EXIT_TIMEOUT_S)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                self._shim.kill()
-            await self._shim.wait()
 
     def tree_rss_mib(self) -> int:
         total = 0
@@ -179,16 +169,53 @@ class LogSpec:
         return self.path.with_name(f".{self.path.name}.state.json")
 
 
-class ProcessLauncher:
-    """Spawns each child in a new session, stdin from /dev/null, stdout+stderr into a pipe drained by its own
-    log writer (`agent.logshim`), which timestamps, rotates and never blocks the child."""
+class LogPipe:
+    """An instance's output pipe and the log writer draining it. It lives across restarts of the instance, so a
+    restart spawns only the service; the agent holds the write end until the instance is stopped for good."""
 
-    async def spawn(self, argv: Sequence[str], env: Mapping[str, str], cwd: str | None, log: LogSpec) -> Child:
+    def __init__(self, spec: LogSpec, write_fd: int, shim: asyncio.subprocess.Process) -> None:
+        self.spec = spec
+        self.write_fd = write_fd
+        self._shim = shim
+        # A second, non-blocking open of the same pipe for the agent's own header lines: O_NONBLOCK on the
+        # shared descriptor would also make the children's writes non-blocking.
+        self._header_fd = os.open(f"/proc/self/fd/{write_fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+
+    @property
+    def alive(self) -> bool:
+        """False when the writer has exited (it is then replaced at the next start)."""
+        return self._shim.returncode is None and self.write_fd >= 0
+
+    def write_line(self, text: str) -> None:
+        """Put one line of our own into the log (dropped rather than block when the pipe is full)."""
+        with contextlib.suppress(OSError):
+            os.write(self._header_fd, text.encode()[: PIPE_BUF - 1] + b"\n")
+
+    async def close(self) -> None:
+        """Close our ends; the writer drains what is left and exits once the instance's processes are gone."""
+        for fd in (self._header_fd, self.write_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._header_fd = self.write_fd = -1
         try:
-            log.path.parent.mkdir(parents=True, exist_ok=True)
-            os.close(os.open(log.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640))
+            await asyncio.wait_for(asyncio.shield(self._shim.wait()), SHIM_EXIT_TIMEOUT_S)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                self._shim.kill()
+            await self._shim.wait()
+
+
+class ProcessLauncher:
+    """Spawns each child in a new session, stdin from /dev/null, stdout+stderr into the pipe of its log writer
+    (`agent.logshim`), which timestamps, rotates and never blocks the child."""
+
+    async def open_log(self, spec: LogSpec) -> LogPipe:
+        """Check the log file can be written, then start its writer on a new pipe."""
+        try:
+            spec.path.parent.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(spec.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640))
         except OSError as exc:
-            raise SpawnError(f"cannot open log file {log.path}: {exc.strerror}") from None
+            raise SpawnError(f"cannot open log file {spec.path}: {exc.strerror}") from None
         read_end, write_end = os.pipe()
         try:
             shim = await asyncio.create_subprocess_exec(
@@ -196,14 +223,13 @@ class ProcessLauncher:
                 "-m",
                 "agent.logshim",
                 "--log",
-                str(log.path),
+                str(spec.path),
                 "--state",
-                str(log.state_path),
+                str(spec.state_path),
                 "--max-bytes",
-                str(log.max_bytes),
+                str(spec.max_bytes),
                 "--backups",
-                str(log.backups),
-                *(["--header", log.header] if log.header else []),
+                str(spec.backups),
                 stdin=read_end,
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.DEVNULL,
@@ -215,12 +241,15 @@ class ProcessLauncher:
             raise SpawnError(f"cannot start the log writer: {exc.strerror or exc}") from None
         finally:
             os.close(read_end)
+        return LogPipe(spec, write_end, shim)
+
+    async def spawn(self, argv: Sequence[str], env: Mapping[str, str], cwd: str | None, log: LogPipe) -> Child:
         tag = uuid.uuid4().hex
         try:
             process = await asyncio.create_subprocess_exec(
                 *argv,
                 stdin=asyncio.subprocess.DEVNULL,
-                stdout=write_end,
+                stdout=log.write_fd,
                 stderr=asyncio.subprocess.STDOUT,
                 env={**env, TAG_VARIABLE: tag},
                 cwd=cwd,
@@ -229,14 +258,9 @@ class ProcessLauncher:
         except FileNotFoundError as exc:
             missing = cwd if cwd and exc.filename == cwd else argv[0]
             what = "working directory" if missing == cwd else "command"
-            error = SpawnError(f"can't find {what} {missing!r}")
+            raise SpawnError(f"can't find {what} {missing!r}") from None
         except PermissionError:
-            error = SpawnError(f"permission denied executing {argv[0]!r}")
+            raise SpawnError(f"permission denied executing {argv[0]!r}") from None
         except OSError as exc:
-            error = SpawnError(f"cannot start {argv[0]!r}: {exc.strerror or exc}")
-        else:
-            return _OsChild(process, tag, shim)
-        finally:
-            os.close(write_end)
-        await shim.wait()  # EOF at once: nobody holds the pipe
-        raise error
+            raise SpawnError(f"cannot start {argv[0]!r}: {exc.strerror or exc}") from None
+        return _OsChild(process, tag)

@@ -15,7 +15,7 @@ from typing import Any
 import structlog
 
 from agent.errors import SpawnError
-from agent.host.launcher import Child, Launcher, LogSpec
+from agent.host.launcher import Child, Launcher, LogPipe, LogSpec
 from agent.profile import ProbeKind
 from agent.statefile import read_json
 from agent.supervisor import policy
@@ -151,6 +151,7 @@ class ManagedService:
     _killed_reason: str | None = None
     _log_offset: int = 0
     _notify: NotifyListener | None = None
+    _output: LogPipe | None = None
 
     def _set(self, new: ServiceState, reason: str | None = None) -> None:
         check_transition(self.state, new)
@@ -174,6 +175,7 @@ class ManagedService:
     async def _run(self) -> None:
         try:
             await self._supervise()
+            await self._close_output()
         except Exception as exc:  # a bug in the agent must not leave an unsupervised child behind
             log.exception("supervision failed", instance=self.spec.name)
             self.last_error = f"agent error: {exc}"
@@ -181,6 +183,8 @@ class ManagedService:
                 self._child.kill_tree()
             self.pid = None
             self.state = ServiceState.FATAL
+            with contextlib.suppress(Exception):
+                await self._close_output()
 
     async def _supervise(self) -> None:
         while not self._stop.is_set():
@@ -234,13 +238,12 @@ class ManagedService:
         if self._notify is not None:
             env["NOTIFY_SOCKET"] = self._notify.env_value
         try:
-            log_spec = LogSpec(
-                self.spec.log_path,
-                self.spec.log_max_bytes,
-                self.spec.log_backups,
-                header=f"=== emp-agent: start #{self._starts} of {self.spec.name}",
-            )
-            child = await self._launcher.spawn(self.spec.argv, env, self.spec.cwd, log_spec)
+            if self._output is None or not self._output.alive:
+                self._output = await self._launcher.open_log(
+                    LogSpec(self.spec.log_path, self.spec.log_max_bytes, self.spec.log_backups)
+                )
+            self._output.write_line(f"=== emp-agent: start #{self._starts} of {self.spec.name}")
+            child = await self._launcher.spawn(self.spec.argv, env, self.spec.cwd, self._output)
         except SpawnError as exc:
             self.last_error = str(exc)
             self._close_notify()
@@ -291,6 +294,12 @@ class ManagedService:
             self._child = None
             if self._ledger is not None:
                 self._ledger.reaped(self.spec.name)
+
+    async def _close_output(self) -> None:
+        """Supervision ended (stopped, exited, gave up): let the log writer drain and exit."""
+        if self._output is not None:
+            output, self._output = self._output, None
+            await output.close()
 
     def _close_notify(self) -> None:
         if self._notify is not None:
@@ -385,7 +394,6 @@ class ManagedService:
                 log.error("processes of the instance survive SIGKILL", instance=self.spec.name)
                 break
             await asyncio.sleep(0.05)
-        await child.close_logs()
 
 
 def _describe_exit(returncode: int, was_ready: bool) -> str:

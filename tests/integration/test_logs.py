@@ -34,6 +34,7 @@ def run_until_exited(tmp_path: Path, spec: ServiceSpec) -> dict:  # type: ignore
         await table.start_all()
         service = table.get("chatty")
         await await_until(lambda: service.state is ServiceState.EXITED, 120, what="EXITED")
+        await table.stop_all()  # returns once supervision has ended, the log writer included
         return service.snapshot()
 
     return asyncio.run(scenario())
