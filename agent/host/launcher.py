@@ -49,6 +49,10 @@ class Child(Protocol):
         """True while any process of the child's group or tree is still alive."""
         ...
 
+    def group_empty(self) -> bool:
+        """Cheap check: no process (not even a zombie) is left in the child's process group."""
+        ...
+
     @property
     def tag(self) -> str:
         """The spawn tag in the environment of the child and all its descendants."""
@@ -111,6 +115,15 @@ class _OsChild:
 
     def group_alive(self) -> bool:
         return bool(self.members())
+
+    def group_empty(self) -> bool:
+        try:
+            os.killpg(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
 
     def tree_rss_mib(self) -> int:
         total = 0

@@ -17,6 +17,7 @@ from agent.registry.client import Registry
 log = structlog.get_logger(__name__)
 JITTER = 0.1
 DEREGISTER_TIMEOUT_S = 3.0
+KICK_DELAY_S = 0.2
 
 
 class Heartbeat:
@@ -42,6 +43,7 @@ class Heartbeat:
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._kick = asyncio.Event()
+        self._kick_pending = False
 
     async def beat(self) -> None:
         """Write the record once; raises RegistryError (and records it) when Redis does not take it."""
@@ -66,8 +68,17 @@ class Heartbeat:
             self._task = asyncio.create_task(self._loop(), name="heartbeat")
 
     def kick(self) -> None:
-        """Beat now instead of at the next interval (the phase changed)."""
-        self._kick.set()
+        """Beat soon instead of at the next interval (the phase changed). Kicks within KICK_DELAY_S coalesce,
+        and the beat stays out of the way of a restart that caused the change."""
+        if self._kick_pending:
+            return
+        self._kick_pending = True
+
+        def fire() -> None:
+            self._kick_pending = False
+            self._kick.set()
+
+        asyncio.get_running_loop().call_later(KICK_DELAY_S, fire)
 
     def next_delay(self) -> float:
         """Interval with +-10% jitter so a fleet rebooted together does not beat in lockstep."""

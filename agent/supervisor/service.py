@@ -69,6 +69,7 @@ class ManagedService:
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
         self._changed = asyncio.Event()
+        self._sweepers: set[asyncio.Task[None]] = set()
 
     # ---- operator surface -------------------------------------------------------------------------------
 
@@ -86,6 +87,8 @@ class ManagedService:
         if self._task is not None:
             await self._task
             self._task = None
+        if self._sweepers:
+            await asyncio.gather(*self._sweepers)
 
     def send_signal(self, sig: int) -> bool:
         """Send `sig` to the instance's process group; False when no process is running."""
@@ -276,7 +279,7 @@ class ManagedService:
                 return policy.ExitFacts(None, False, None, self._monotonic())
             returncode = exit_task.result()
             ended = self._monotonic()
-            await self._reap_leftovers(child)
+            await self._after_exit(child)
             self.last_exit_code = returncode
             was_ready = self._ready_since is not None
             if self._killed_reason:  # killed by us: a failure whatever the exit code says
@@ -384,6 +387,17 @@ class ManagedService:
             await exit_task
         self.last_exit_code = exit_task.result()
         await self._reap_leftovers(child)
+
+    async def _after_exit(self, child: Child) -> None:
+        """The main process exited. Group members left behind are killed before the restart (they may hold the
+        port); when the group is already empty, the slower search for descendants that escaped it runs beside
+        the restart, and `stop()` still waits for it."""
+        if not child.group_empty():
+            await self._reap_leftovers(child)
+            return
+        task = asyncio.create_task(self._reap_leftovers(child))
+        self._sweepers.add(task)
+        task.add_done_callback(self._sweepers.discard)
 
     async def _reap_leftovers(self, child: Child) -> None:
         """After the main process ended, no descendant may linger holding ports or GPU memory."""
