@@ -32,7 +32,7 @@ from agent.registry import embedded
 from agent.registry.client import RedisRegistry
 from agent.registry.heartbeat import Heartbeat
 from agent.settings import Settings
-from agent.supervisor.instances import InstanceSpec, Paths, expand
+from agent.supervisor.instances import InstanceSpec, Paths, expand, spec_hash
 from agent.supervisor.ledger import ProcessLedger
 from agent.supervisor.service import iso_now
 from agent.supervisor.table import ProcessTable
@@ -108,10 +108,7 @@ class Agent:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, self.handle_exit, sig)
         api = ControlApi(self.settings.control_socket, self.status, self.table.control)
-        await api.start()
-        leftovers = await asyncio.to_thread(self.ledger.sweep)  # we hold the locks: these are no live agent's
-        if leftovers:
-            log.warning("cleaned up after a previous agent that did not stop cleanly", instances=leftovers)
+        await api.start()  # survivors of a previous agent are adopted or stopped as their instances come up
         log.info(
             "emp-agent starting",
             version=__version__,
@@ -126,6 +123,13 @@ class Agent:
         finally:
             code = await self._teardown(startup, api, fetcher)
         return code
+
+    async def _sweep_unclaimed(self) -> None:
+        """Stop what a previous agent left that no instance of ours adopted (we hold the locks: it is no live
+        agent's)."""
+        leftovers = await asyncio.to_thread(self.ledger.sweep, keep=set(self.table.names()))
+        if leftovers:
+            log.warning("stopped processes a previous agent left and nothing adopted", instances=leftovers)
 
     def _lock_dirs(self) -> list[DirectoryLock]:
         """One agent per state dir and per runtime dir; a second one stops here, before touching anything."""
@@ -162,9 +166,11 @@ class Agent:
             models=ModelStore(self.settings.model_root, self.settings.state_dir / "models.json", fetcher),
             registrar=self.heartbeat,
             agent_env=self._environ,
+            ledger=self.ledger,
         )
         self.pipeline = Pipeline(self._stages, self.settings.state_dir / "bootstrap.json", self._on_event)
         await self.pipeline.run(self.ctx)
+        await self._sweep_unclaimed()
         phase, reasons = self.phase()
         log.info("bootstrap finished", phase=phase.value, reasons=reasons)
         self._kick_if_phase_changed()
@@ -202,6 +208,7 @@ class Agent:
         if self._registry is not None:
             await self._registry.aclose()
         await self.table.stop_all()
+        await self._sweep_unclaimed()
         await fetcher.aclose()
         await api.stop()
         forced = self._force.is_set()
@@ -229,7 +236,11 @@ class Agent:
             raise AgentError(str(exc)) from None
         registry_profile = Profile(name="embedded", source="(built in)", services={embedded.SERVICE_NAME: spec})
         (instance,) = expand(registry_profile, [], self.paths, self.machine_id, {})
-        self.table.add(instance)
+        survivor = self.ledger.survivor(instance.name)
+        adopt = survivor if survivor is not None and survivor.spec_hash == spec_hash(instance) else None
+        if survivor is not None and adopt is None:
+            await asyncio.to_thread(self.ledger.sweep, keep=set(self.ledger.names()) - {instance.name})
+        self.table.add(instance, adopt=adopt)
         await self.table.start_all([instance.name])
         log.info("no EMP_AGENT_REDIS_URL: running the embedded registry server", socket=url, binary=spec.command[0])
         not_ready = await self.table.wait_ready([instance.name], REGISTRY_START_TIMEOUT_S)

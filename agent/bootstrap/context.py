@@ -12,6 +12,7 @@ from agent.modelstore import ModelStatus, ModelStore
 from agent.profile import Profile
 from agent.settings import Settings
 from agent.supervisor.instances import Paths
+from agent.supervisor.ledger import ProcessLedger
 from agent.supervisor.table import ProcessTable
 
 
@@ -36,6 +37,7 @@ class BootstrapContext:
     models: ModelStore
     registrar: Registrar
     agent_env: Mapping[str, str]
+    ledger: ProcessLedger | None = None
     host: HostFacts | None = None
     gpus: GpuReport | None = None
     model_status: dict[str, ModelStatus] = field(default_factory=dict)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from agent.bootstrap.context import BootstrapContext
 from agent.errors import StageFailed
-from agent.supervisor.instances import expand
+from agent.supervisor.instances import expand, spec_hash
 
 
 class StartServices:
@@ -16,15 +18,26 @@ class StartServices:
 
     async def run(self, ctx: BootstrapContext) -> str:
         gpus = ctx.gpus.gpus if ctx.gpus else []
+        ledger = ctx.ledger
+        survivors = {n: s for n in (ledger.names() if ledger else []) if ledger and (s := ledger.survivor(n))}
+        keep_ports = {name: s.port for name, s in survivors.items() if s.port is not None}
         try:
-            instances = expand(ctx.profile, gpus, ctx.paths, ctx.machine_id, ctx.agent_env)
+            instances = expand(ctx.profile, gpus, ctx.paths, ctx.machine_id, ctx.agent_env, keep_ports=keep_ports)
         except OSError as exc:
             raise StageFailed(self.name, f"cannot allocate ports: {exc.strerror or exc}") from None
+        adopt = {
+            spec.name: survivors[spec.name]
+            for spec in instances
+            if spec.name in survivors and survivors[spec.name].spec_hash == spec_hash(spec)
+        }
+        if ledger is not None:  # survivors we cannot adopt (changed spec, gone from the profile) stop first
+            await asyncio.to_thread(ledger.sweep, keep=set(adopt) | set(ctx.table.names()))
         for spec in instances:
-            ctx.table.add(spec)
+            ctx.table.add(spec, adopt=adopt.get(spec.name))
         ctx.service_names = [spec.name for spec in instances]
         waiting = await ctx.table.start_all(ctx.service_names)
         detail = f"{len(instances) - len(waiting)} of {len(instances)} instance(s) started"
+        detail += f" ({len(adopt)} adopted from the previous agent)" if adopt else ""
         return detail + (f", {len(waiting)} waiting for a dependency" if waiting else "")
 
 

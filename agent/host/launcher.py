@@ -19,6 +19,8 @@ from agent.errors import SpawnError
 
 #: Set in every child's environment; inherited by its descendants, so escaped ones can still be found.
 TAG_VARIABLE = "EMP_SPAWN_TAG"
+#: What wait() returns for an adopted process: its exit status went to its real parent, not to us.
+UNKNOWN_EXIT = -256
 #: How long the log writer may take to drain after the instance's last process is gone.
 SHIM_EXIT_TIMEOUT_S = 5.0
 #: Writes up to this size to a pipe are atomic (never interleaved with a child's output).
@@ -71,22 +73,18 @@ class Launcher(Protocol):
     async def spawn(self, argv: Sequence[str], env: Mapping[str, str], cwd: str | None, log: LogPipe) -> Child: ...
 
 
-class _OsChild:
-    def __init__(self, process: asyncio.subprocess.Process, tag: str) -> None:
-        self._process = process
+class _Tree:
+    """The processes of one instance: a session leader, its group, its descendants and tagged escapees."""
+
+    def __init__(self, pid: int, tag: str, created: float | None) -> None:
+        self._pid = pid
         self.tag = tag
+        self._created = created
         self._known: dict[int, psutil.Process] = {}
-        try:
-            self._created: float | None = psutil.Process(process.pid).create_time()
-        except psutil.Error:
-            self._created = None
 
     @property
     def pid(self) -> int:
-        return self._process.pid
-
-    async def wait(self) -> int:
-        return await self._process.wait()
+        return self._pid
 
     def _remember_tree(self) -> None:
         # Descendants that left our process group (setsid, double fork) are found by parentage while their
@@ -131,6 +129,46 @@ class _OsChild:
             with contextlib.suppress(psutil.Error):
                 total += proc.memory_info().rss
         return total // (1024 * 1024)
+
+
+class _OsChild(_Tree):
+    """A process we spawned: its exit status comes from waitpid."""
+
+    def __init__(self, process: asyncio.subprocess.Process, tag: str) -> None:
+        try:
+            created: float | None = psutil.Process(process.pid).create_time()
+        except psutil.Error:
+            created = None
+        super().__init__(process.pid, tag, created)
+        self._process = process
+
+    async def wait(self) -> int:
+        return await self._process.wait()
+
+
+class AdoptedChild(_Tree):
+    """A process a previous agent spawned and this one adopted. Not our child: its exit is seen through a pidfd,
+    and its exit status is unknown (wait() returns UNKNOWN_EXIT)."""
+
+    async def wait(self) -> int:
+        try:
+            pidfd = os.pidfd_open(self.pid)
+        except ProcessLookupError:
+            return UNKNOWN_EXIT
+        loop = asyncio.get_running_loop()
+        exited: asyncio.Future[None] = loop.create_future()
+
+        def readable() -> None:
+            if not exited.done():
+                exited.set_result(None)
+
+        loop.add_reader(pidfd, readable)
+        try:
+            await exited
+        finally:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+        return UNKNOWN_EXIT
 
 
 def members_of(

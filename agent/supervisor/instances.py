@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import sys
 from collections.abc import Mapping
@@ -211,6 +213,12 @@ def _instance(
         required=spec.required,
         secret_values=frozenset(v for v in inherited.values() if v),
     )
+
+
+def spec_hash(spec: InstanceSpec) -> str:
+    """What the instance was started as (command, environment, directory): an adopted survivor must match it."""
+    material = json.dumps([list(spec.argv), sorted(spec.env.items()), spec.cwd], separators=(",", ":"))
+    return hashlib.sha256(material.encode()).hexdigest()[:16]
 
 
 def agent_environment() -> Mapping[str, str]:

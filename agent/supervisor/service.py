@@ -15,12 +15,12 @@ from typing import Any
 import structlog
 
 from agent.errors import SpawnError
-from agent.host.launcher import Child, Launcher, LogPipe, LogSpec
+from agent.host.launcher import UNKNOWN_EXIT, AdoptedChild, Child, Launcher, LogPipe, LogSpec
 from agent.profile import ProbeKind
 from agent.statefile import read_json
 from agent.supervisor import policy
-from agent.supervisor.instances import InstanceSpec
-from agent.supervisor.ledger import ProcessLedger
+from agent.supervisor.instances import InstanceSpec, spec_hash
+from agent.supervisor.ledger import ProcessLedger, Survivor
 from agent.supervisor.notify import NotifyListener
 from agent.supervisor.readiness import attempt
 from agent.supervisor.states import ServiceState, check_transition
@@ -50,9 +50,11 @@ class ManagedService:
         monotonic: Callable[[], float] = time.monotonic,
         unit_random: Callable[[], float] = random.random,
         ledger: ProcessLedger | None = None,
+        adopt: Survivor | None = None,
     ) -> None:
         self.spec = spec
         self._ledger = ledger
+        self._adopt = adopt
         self._launcher = launcher
         self._on_event = on_event
         self._monotonic = monotonic
@@ -155,6 +157,7 @@ class ManagedService:
     _log_offset: int = 0
     _notify: NotifyListener | None = None
     _output: LogPipe | None = None
+    _adopting: bool = False
 
     def _set(self, new: ServiceState, reason: str | None = None) -> None:
         check_transition(self.state, new)
@@ -236,6 +239,22 @@ class ManagedService:
             self._log_offset = self.spec.log_path.stat().st_size
         except OSError:
             self._log_offset = 0
+        self._adopting = False
+        child = self._adopted() if self._adopt is not None else await self._spawn()
+        if child is None:
+            return policy.ExitFacts(None, False, None, self._monotonic())
+        return await self._supervise_child(child)
+
+    def _adopted(self) -> Child:
+        """Take over the survivor a previous agent left (first run only); readiness is checked as for a start."""
+        survivor, self._adopt = self._adopt, None
+        assert survivor is not None
+        self._adopting = True
+        log.info("adopted a running instance left by the previous agent", instance=self.spec.name, pid=survivor.pid)
+        return AdoptedChild(survivor.pid, survivor.tag, survivor.create_time)
+
+    async def _spawn(self) -> Child | None:
+        """Start the process; None (with last_error set) when the OS refuses."""
         env = dict(self.spec.env)
         self._notify = NotifyListener() if self.spec.probe.kind is ProbeKind.NOTIFY else None
         if self._notify is not None:
@@ -250,10 +269,14 @@ class ManagedService:
         except SpawnError as exc:
             self.last_error = str(exc)
             self._close_notify()
-            return policy.ExitFacts(None, False, None, self._monotonic())
-        self._child, self.pid, self._spawned_at = child, child.pid, self._monotonic()
+            return None
         if self._ledger is not None:
-            self._ledger.spawned(self.spec.name, child.pid, child.tag)
+            self._ledger.spawned(self.spec.name, child.pid, child.tag, spec_hash(self.spec), self.spec.port)
+        return child
+
+    async def _supervise_child(self, child: Child) -> policy.ExitFacts | None:
+        """Wait for readiness and then for the exit of one run. None when stopped on request."""
+        self._child, self.pid, self._spawned_at = child, child.pid, self._monotonic()
         exit_task = asyncio.create_task(child.wait())
         stop_task = asyncio.create_task(self._stop.wait())
         self._killed_reason = None
@@ -280,6 +303,9 @@ class ManagedService:
             returncode = exit_task.result()
             ended = self._monotonic()
             await self._after_exit(child)
+            if returncode == UNKNOWN_EXIT:  # an adopted process: its status went to its real parent
+                self.last_error = "exited (adopted from the previous agent: exit status unknown)"
+                return policy.ExitFacts(None, self._ready_since is not None, self._ready_since, ended)
             self.last_exit_code = returncode
             was_ready = self._ready_since is not None
             if self._killed_reason:  # killed by us: a failure whatever the exit code says
@@ -350,6 +376,8 @@ class ManagedService:
     async def _await_ready(self, exit_task: asyncio.Task[int], stop_task: asyncio.Task[Any]) -> str:
         deadline = self._monotonic() + self.spec.start_timeout_s
         probe = self.spec.probe
+        if self._adopting and probe.kind in (ProbeKind.NOTIFY, ProbeKind.LOG):
+            return "ready"  # it said so to the previous agent; the signal cannot be repeated
         if probe.kind is ProbeKind.NONE:
             deadline = self._monotonic() + self.spec.start_seconds
         while True:

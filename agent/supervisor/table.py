@@ -13,7 +13,7 @@ import structlog
 from agent.errors import AgentError, UnknownService
 from agent.host.launcher import Launcher
 from agent.supervisor.instances import InstanceSpec
-from agent.supervisor.ledger import ProcessLedger
+from agent.supervisor.ledger import ProcessLedger, Survivor
 from agent.supervisor.service import EventSink, ManagedService
 from agent.supervisor.states import ServiceState
 
@@ -50,11 +50,14 @@ class ProcessTable:
         for sink in self._listeners:
             sink(event)
 
-    def add(self, spec: InstanceSpec) -> ManagedService:
-        """Register an instance (not started)."""
+    def add(self, spec: InstanceSpec, adopt: Survivor | None = None) -> ManagedService:
+        """Register an instance (not started); `adopt` makes its first run take over a survivor instead of
+        spawning."""
         if spec.name in self._services:
             raise ValueError(f"duplicate instance name {spec.name}")
-        service = ManagedService(spec, self._launcher, self._emit, monotonic=self._monotonic, ledger=self._ledger)
+        service = ManagedService(
+            spec, self._launcher, self._emit, monotonic=self._monotonic, ledger=self._ledger, adopt=adopt
+        )
         self._services[spec.name] = service
         return service
 

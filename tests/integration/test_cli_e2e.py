@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -271,27 +272,59 @@ def test_sigterm_during_a_stuck_prepare_step_leaves_nothing_running(agent_dirs: 
 
 
 @pytest.mark.slow
-def test_agent_restarted_after_sigkill_cleans_up_the_orphans(agent_dirs: Path) -> None:
-    """Services orphaned by a SIGKILLed agent are killed by the next agent, which then takes their ports."""
-    first = AgentProcess(agent_dirs, REPO / "profiles" / "demo.toml")
+def test_agent_restarted_after_sigkill_adopts_survivors_and_replaces_changed_ones(agent_dirs: Path) -> None:
+    """Process table case 2: after the agent is SIGKILLed, the next agent adopts what still runs as it was
+    started (never two instances, same ports), replaces what the profile changed, and supervises the adopted
+    ones for real: a SIGKILL of an adopted process is seen and restarted."""
+    profiles = agent_dirs / "profiles"
+    shutil.copytree(REPO / "profiles", profiles)
+    first = AgentProcess(agent_dirs, profiles / "demo.toml")
     try:
         status = first.wait_phase("ready")
-        orphans = [s["pid"] for s in status["services"]]
-        ports = {s["name"]: s["port"] for s in status["services"]}
+        before = {s["name"]: s for s in status["services"]}
         first.process.kill()
         first.process.wait(30)
-        assert all(alive(pid) for pid in orphans)
+        assert all(alive(s["pid"]) for s in before.values())
     finally:
         first.log.close()
+    demo = profiles / "demo.toml"
+    demo.write_text(demo.read_text().replace("port = 18200\n", 'port = 18200\nenv = { DEMO_VARIANT = "2" }\n'))
 
-    second = AgentProcess(agent_dirs, REPO / "profiles" / "demo.toml")
+    second = AgentProcess(agent_dirs, profiles / "demo.toml")
     try:
         status = second.wait_phase("ready")
-        assert [] == [pid for pid in orphans if alive(pid)]
-        assert ports == {s["name"]: s["port"] for s in status["services"]}
-        assert "cleaned up after a previous agent" in (agent_dirs / "agent.log").read_text()
+        after = {s["name"]: s for s in status["services"]}
+        assert {n: s["port"] for n, s in before.items()} == {n: s["port"] for n, s in after.items()}
+        assert before["model-server-0"]["pid"] == after["model-server-0"]["pid"]
+        assert before["emp-registry"]["pid"] == after["emp-registry"]["pid"]
+        assert before["inference-0"]["pid"] != after["inference-0"]["pid"]
+        assert not alive(before["inference-0"]["pid"])
+        start = next(st for st in status["stages"] if st["name"] == "start_services")
+        assert start["detail"].endswith("(1 adopted from the previous agent)")
+
+        adopted = after["model-server-0"]["pid"]
+        os.kill(adopted, signal.SIGKILL)
+        restarted = wait_until(
+            lambda: (
+                (s := second.status())
+                and s["phase"] == "ready"
+                and service(s, "model-server-0")["pid"] not in (None, adopted)
+                and s
+            ),
+            60,
+            interval=0.2,
+            what="adopted model-server-0 restarted after SIGKILL",
+        )
+        assert (
+            "exited (adopted from the previous agent: exit status unknown)"
+            == service(restarted, "model-server-0")["last_error"]
+        )
+        pids = family(second.process.pid)
     finally:
         assert 0 == second.stop()
+
+    assert [] == [pid for pid in pids if alive(pid)]
+    assert not alive(after["emp-registry"]["pid"])
 
 
 @pytest.mark.slow

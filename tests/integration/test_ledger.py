@@ -50,3 +50,26 @@ def test_sweep_leaves_a_process_whose_pid_was_reused(tmp_path: Path) -> None:
     finally:
         proc.kill()
         proc.wait(10)
+
+
+def test_survivor_is_verified_by_start_time_and_spawn_tag(tmp_path: Path) -> None:
+    """A live process is a survivor only with the recorded start time, and never with another spawn tag."""
+    proc = subprocess.Popen(
+        [sys.executable, str(PROGRAMS / "hang.py"), str(tmp_path / "pid")],
+        env={"EMP_SPAWN_TAG": "tag-a", "PATH": "/usr/bin:/bin"},
+    )
+    try:
+        wait_until((tmp_path / "pid").exists, 30, what="child up")
+        ledger = ProcessLedger(tmp_path / "processes.json")
+        ledger.spawned("mine", proc.pid, "tag-a", "hash1", 8188)
+        survivor = ledger.survivor("mine")
+
+        assert survivor is not None
+        assert (proc.pid, "hash1", 8188) == (survivor.pid, survivor.spec_hash, survivor.port)
+        ledger.spawned("other", proc.pid, "tag-b")
+        assert ledger.survivor("other") is None
+        assert [] == ledger.sweep(keep={"mine", "other"})
+        assert alive(proc.pid)
+    finally:
+        proc.kill()
+        proc.wait(10)
