@@ -51,6 +51,12 @@ def _parser() -> argparse.ArgumentParser:
         control.add_argument(
             "names", nargs="+", metavar="NAME", help="an instance, a service (all its instances) or 'all'"
         )
+    reopen = sub.add_parser(
+        "reopen-logs",
+        parents=[common, socket_opt],
+        help="make log writers reopen their files (after an external logrotate)",
+    )
+    reopen.add_argument("names", nargs="*", default=["all"], metavar="NAME", help="default: all")
     signal_cmd = sub.add_parser("signal", parents=[common, socket_opt], help="send a signal to an instance's group")
     signal_cmd.add_argument("names", nargs=1, metavar="NAME")
     signal_cmd.add_argument("signal", help="e.g. HUP, USR1, SIGTERM")
@@ -70,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_OK
         if args.command == "status":
             return _status(args)
-        if args.command in ("start", "stop", "restart", "signal"):
+        if args.command in ("start", "stop", "restart", "signal", "reopen-logs"):
             return _control(args)
         if args.command == "check":
             return _check(args)
@@ -110,7 +116,13 @@ def _control(args: argparse.Namespace) -> int:
     from agent.api.client import locate_socket, request_json
 
     socket_path = args.socket or locate_socket(config_path=str(args.config) if args.config else None)
-    done = {"start": "started", "stop": "stopped", "restart": "restarted", "signal": "signalled"}[args.command]
+    done = {
+        "start": "started",
+        "stop": "stopped",
+        "restart": "restarted",
+        "signal": "signalled",
+        "reopen-logs": "log reopened",
+    }[args.command]
     ok = failed = 0
     for name in args.names:
         path = f"/services/{quote(name, safe='')}/{args.command}"

@@ -38,7 +38,9 @@ class ControlApi:
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/status", self._status_handler)
         if self._control is not None:
-            app.router.add_post("/services/{name}/{action:start|stop|restart|signal}", self._control_handler)
+            app.router.add_post(
+                "/services/{name}/{action:start|stop|restart|signal|reopen-logs}", self._control_handler
+            )
         return app
 
     async def start(self) -> None:

@@ -242,6 +242,12 @@ class LogPipe:
         with contextlib.suppress(OSError):
             os.write(self._header_fd, text.encode()[: PIPE_BUF - 1] + b"\n")
 
+    def reopen(self) -> None:
+        """Ask the writer to reopen its file (after an external logrotate moved it)."""
+        if self._shim.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._shim.send_signal(signal.SIGHUP)
+
     async def close(self) -> None:
         """Close our ends; the writer drains what is left and exits once the instance's processes are gone."""
         for fd in (self._header_fd, self.write_fd):

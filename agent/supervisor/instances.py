@@ -13,6 +13,7 @@ from pathlib import Path
 from agent.host.gpu import GpuInfo
 from agent.host.ports import allocate_port
 from agent.profile import ProbeKind, Profile, RestartSpec, ServiceSpec
+from agent.statefile import write_json_atomic
 from agent.supervisor.readiness import Probe
 
 #: What every child gets before the profile's own environment; nothing else leaks from the agent.
@@ -161,6 +162,7 @@ def _instance(
             "EMP_SLOT": str(slot),
             "EMP_MODEL_ROOT": str(paths.model_root),
             "EMP_CAPABILITIES": ",".join(spec.capabilities),
+            "EMP_CAPABILITIES_FILE": str(capabilities_file(paths, instance_name)),
         }
     )
     env.update(dep_ports)
@@ -213,6 +215,34 @@ def _instance(
         required=spec.required,
         secret_values=frozenset(v for v in inherited.values() if v),
     )
+
+
+def capabilities_file(paths: Paths, instance: str) -> Path:
+    """Where an instance finds what the agent registers for it (written before each start)."""
+    return paths.state_dir / "capabilities" / f"{instance}.json"
+
+
+def write_capabilities_file(spec: InstanceSpec, machine_id: str) -> None:
+    """The instance's own view of its slot: machine, service, job-facing names, port and GPU."""
+    path = Path(spec.env["EMP_CAPABILITIES_FILE"])
+    gpu = None
+    if spec.gpu is not None:
+        gpu = {
+            "index": spec.gpu.index,
+            "uuid": spec.gpu.uuid,
+            "name": spec.gpu.name,
+            "memory_total_mib": spec.gpu.memory_total_mib,
+        }
+    record = {
+        "machine_id": machine_id,
+        "service": spec.service,
+        "instance": spec.name,
+        "slot": spec.slot,
+        "capabilities": list(spec.capabilities),
+        "port": spec.port,
+        "gpu": gpu,
+    }
+    write_json_atomic(path, record, durable=False)
 
 
 def spec_hash(spec: InstanceSpec) -> str:

@@ -19,7 +19,7 @@ from agent.host.launcher import UNKNOWN_EXIT, AdoptedChild, Child, Launcher, Log
 from agent.profile import ProbeKind
 from agent.statefile import read_json
 from agent.supervisor import policy
-from agent.supervisor.instances import InstanceSpec, spec_hash
+from agent.supervisor.instances import InstanceSpec, spec_hash, write_capabilities_file
 from agent.supervisor.ledger import ProcessLedger, Survivor
 from agent.supervisor.notify import NotifyListener
 from agent.supervisor.readiness import attempt
@@ -97,6 +97,13 @@ class ManagedService:
         if self._child is None:
             return False
         self._child.signal_group(sig)
+        return True
+
+    def reopen_log(self) -> bool:
+        """Make the instance's log writer reopen its file; False when it has none running."""
+        if self._output is None or not self._output.alive:
+            return False
+        self._output.reopen()
         return True
 
     def force_kill(self) -> None:
@@ -265,9 +272,15 @@ class ManagedService:
                     LogSpec(self.spec.log_path, self.spec.log_max_bytes, self.spec.log_backups)
                 )
             self._output.write_line(f"=== emp-agent: start #{self._starts} of {self.spec.name}")
+            if "EMP_CAPABILITIES_FILE" in self.spec.env:
+                write_capabilities_file(self.spec, self.spec.env.get("EMP_MACHINE_ID", ""))
             child = await self._launcher.spawn(self.spec.argv, env, self.spec.cwd, self._output)
         except SpawnError as exc:
             self.last_error = str(exc)
+            self._close_notify()
+            return None
+        except OSError as exc:  # the capabilities file could not be written
+            self.last_error = f"cannot write {exc.filename}: {exc.strerror}"
             self._close_notify()
             return None
         if self._ledger is not None:

@@ -122,6 +122,8 @@ class ProcessTable:
                 service.start()
         if action == "signal" and sig is not None and not service.send_signal(sig):
             error = f"not running ({service.state.value})"
+        if action == "reopen-logs" and not service.reopen_log():
+            error = f"no log writer running ({service.state.value})"
         return {"name": name, "ok": error is None, "error": error, "state": service.state.value}
 
     def instances_of(self, service: str) -> list[ManagedService]:

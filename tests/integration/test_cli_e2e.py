@@ -382,6 +382,18 @@ def test_operator_controls_services_through_the_cli(agent_dirs: Path) -> None:
         assert first_pid != service(status, "model-server-0")["pid"]
         assert "RUNNING" == service(status, "emp-registry")["state"]
 
+        reopened = agent.cli("reopen-logs")
+        assert (0, ["inference-0: log reopened", "model-server-0: log reopened"]) == (
+            reopened.returncode,
+            sorted(reopened.stdout.splitlines()),
+        )
+        caps = json.loads((agent_dirs / "state" / "capabilities" / "inference-0.json").read_text())
+        assert (["demo-inference"], service(status, "inference-0")["port"], None) == (
+            caps["capabilities"],
+            caps["port"],
+            caps["gpu"],
+        )
+
         bad = agent.cli("signal", "model-server-0", "NOPE")
         assert (1, "model-server-0: ERROR (unknown signal 'NOPE')\n") == (bad.returncode, bad.stdout)
         before = service(status, "model-server-0")

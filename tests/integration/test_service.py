@@ -551,3 +551,21 @@ def test_a_per_gpu_worker_waits_only_for_the_service_on_its_own_gpu(tmp_path: Pa
         "worker-0": ServiceState.STOPPED,
         "worker-1": ServiceState.RUNNING,
     } == asyncio.run(scenario())
+
+
+def test_case_non_executable_file_is_a_spawn_error(tmp_path: Path) -> None:
+    """Process table case 8: a command that is not executable is a spawn error with the reason, no pid."""
+    script = tmp_path / "not-executable.sh"
+    script.write_text("#!/bin/sh\nexit 0\n")
+    spec = ServiceSpec(command=[str(script)], restart=RestartSpec(crash_loop_limit=1, fatal_retry_s=None))
+    table = table_with(tmp_path, web=spec)
+
+    async def scenario() -> dict[str, Any]:
+        await table.start_all()
+        service = table.get("web")
+        await await_until(lambda: service.state is ServiceState.FATAL, 30, what="FATAL")
+        return service.snapshot()
+
+    snap = asyncio.run(scenario())
+
+    assert (f"permission denied executing '{script}'", None) == (snap["last_error"], snap["pid"])

@@ -78,6 +78,7 @@ def test_environment_is_exactly_declared_plus_agent_additions(monkeypatch: pytes
         "EMP_SLOT": "0",
         "EMP_MODEL_ROOT": "/models",
         "EMP_CAPABILITIES": "c",
+        "EMP_CAPABILITIES_FILE": "/state/capabilities/web.json",
     } == dict(instance.env)
     assert frozenset({"hf_secret_value"}) == instance.secret_values
 
