@@ -105,6 +105,7 @@ def test_exit_before_ready_is_a_failed_start_and_crash_loop_ends_fatal(tmp_path:
         await table.start_all()
         service = table.get("web")
         await await_until(lambda: service.state is ServiceState.FATAL, 30, what="FATAL")
+        await table.stop_all()
         return service.state
 
     assert ServiceState.FATAL == asyncio.run(scenario())
@@ -195,6 +196,7 @@ def test_on_failure_policy_leaves_a_clean_exit_alone(tmp_path: Path) -> None:
         await table.start_all()
         service = table.get("job")
         await await_until(lambda: service.state is ServiceState.EXITED, 30, what="EXITED")
+        await table.stop_all()
         return service.state
 
     assert ServiceState.EXITED == asyncio.run(scenario())
@@ -326,6 +328,7 @@ def test_log_line_readiness_only_counts_output_of_the_current_start(tmp_path: Pa
         assert service.pid is not None
         os.kill(service.pid, signal.SIGKILL)
         await await_until(lambda: service.state is ServiceState.FATAL, 30, what="FATAL")
+        await table.stop_all()
         return service.last_error
 
     last_error = asyncio.run(scenario())
@@ -438,6 +441,7 @@ def test_case_unwritable_log_path_is_a_spawn_error_with_the_os_reason(tmp_path: 
         await table.start_all()
         service = table.get("web")
         await await_until(lambda: service.state is ServiceState.FATAL, 30, what="FATAL")
+        await table.stop_all()
         return service.snapshot()
 
     snap = asyncio.run(scenario())
@@ -564,6 +568,7 @@ def test_case_non_executable_file_is_a_spawn_error(tmp_path: Path) -> None:
         await table.start_all()
         service = table.get("web")
         await await_until(lambda: service.state is ServiceState.FATAL, 30, what="FATAL")
+        await table.stop_all()
         return service.snapshot()
 
     snap = asyncio.run(scenario())
