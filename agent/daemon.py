@@ -24,6 +24,7 @@ from agent.host.download import UrlFetcher
 from agent.host.gpu import GpuProbe, NvmlProbe
 from agent.host.launcher import Launcher, ProcessLauncher
 from agent.host.lock import DirectoryLock
+from agent.host.notify import Notifier
 from agent.identity import boot_id, instance_id, machine_id
 from agent.machine import Phase, compute_phase
 from agent.modelstore import ModelStore
@@ -79,6 +80,8 @@ class Agent:
         self._signals = 0
         self._registry_url: str | None = None
         self._published_phase: Phase | None = None
+        self._notifier = Notifier(self._environ)
+        self._notified_ready = False
         self._registry: RedisRegistry | None = None
         self._startup_error: str | None = None
         self.pipeline: Pipeline | None = None
@@ -117,12 +120,40 @@ class Agent:
             socket=str(self.settings.control_socket),
         )
         fetcher = UrlFetcher(self.settings.ca_bundle)
+        self._notifier.notify(STATUS="starting")
+        watchdog = asyncio.create_task(self._watchdog(), name="watchdog")
         startup = asyncio.create_task(self._startup(fetcher), name="startup")
         try:
             await self._shutdown.wait()
         finally:
+            self._notifier.notify(STOPPING="1", STATUS="stopping")
             code = await self._teardown(startup, api, fetcher)
+            watchdog.cancel()
         return code
+
+    def _tell_service_manager(self, phase: Phase, reasons: list[str]) -> None:
+        """STATUS= with the stage or phase; READY=1 once, when the bootstrap has finished (ready or not: a
+        degraded or failed host is up and reporting, and systemd must not time the unit out)."""
+        if not self._notifier.enabled:
+            return
+        running = (
+            next((r.name for r in self.pipeline.records if r.state.value == "running"), None)
+            if (self.pipeline)
+            else None
+        )
+        status = f"bootstrapping: {running}" if running else phase.value + (f": {reasons[0]}" if reasons else "")
+        fields = {"STATUS": status[:200]}
+        if not self._notified_ready and self.pipeline is not None and self.pipeline.finished:
+            fields["READY"] = "1"
+            self._notified_ready = True
+        self._notifier.notify(**fields)
+
+    async def _watchdog(self) -> None:
+        """WATCHDOG=1 from the event loop itself: a wedged loop stops the pings and systemd restarts us."""
+        interval = self._notifier.watchdog_interval_s
+        while interval:
+            self._notifier.notify(WATCHDOG="1")
+            await asyncio.sleep(interval)
 
     async def _sweep_unclaimed(self) -> None:
         """Stop what a previous agent left that no instance of ours adopted (we hold the locks: it is no live
@@ -187,8 +218,9 @@ class Agent:
             self.table.force_kill_all()
 
     def _kick_if_phase_changed(self) -> None:
-        """Publish at once when the phase changes, instead of waiting for the next heartbeat."""
-        phase, _ = self.phase()
+        """Publish at once when the phase changes, instead of waiting for the next heartbeat; tell systemd."""
+        phase, reasons = self.phase()
+        self._tell_service_manager(phase, reasons)
         if phase is not self._published_phase and self.heartbeat is not None:
             self._published_phase = phase
             self.heartbeat.kick()

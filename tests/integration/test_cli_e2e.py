@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -453,3 +454,46 @@ def test_restart_applies_the_changed_profile_and_refuses_a_broken_one(agent_dirs
 
     assert "2" == second["FOO"]
     assert "BAR" not in second
+
+
+@pytest.mark.slow
+def test_agent_speaks_sd_notify_to_its_service_manager(agent_dirs: Path) -> None:
+    """Under Type=notify: STATUS with the stage, READY=1 once the boot is over, WATCHDOG=1 from the loop at
+    half of WATCHDOG_USEC, STOPPING=1 on SIGTERM — on a real datagram socket standing in for systemd."""
+    import socket as socketlib
+    import uuid
+
+    name = f"emp-test-notify-{uuid.uuid4().hex}"
+    listener = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_DGRAM)
+    listener.bind("\0" + name)
+    listener.settimeout(0.2)
+    seen: list[str] = []
+
+    def drain() -> None:
+        with contextlib.suppress(TimeoutError):
+            seen.extend(listener.recv(4096).decode().splitlines())
+
+    def receive_until(line: str, timeout: float) -> None:
+        wait_until(lambda: drain() or line in seen, timeout, interval=0, what=f"{line} on NOTIFY_SOCKET")
+
+    agent = AgentProcess(
+        agent_dirs, REPO / "profiles" / "demo.toml", {"NOTIFY_SOCKET": f"@{name}", "WATCHDOG_USEC": "400000"}
+    )
+    try:
+        receive_until("READY=1", 90)
+        assert any(line.startswith("STATUS=bootstrapping: ") for line in seen)
+        assert "ready" == agent.wait_phase("ready")["phase"]
+        receive_until("STATUS=ready", 30)
+        before = seen.count("WATCHDOG=1")
+        wait_until(
+            lambda: drain() or seen.count("WATCHDOG=1") >= before + 3, 30, interval=0, what="three more watchdog pings"
+        )
+        agent.process.send_signal(signal.SIGTERM)
+        receive_until("STOPPING=1", 30)
+        code = agent.process.wait(60)
+    finally:
+        agent.stop()
+        listener.close()
+
+    assert 0 == code
+    assert 1 == seen.count("READY=1")
