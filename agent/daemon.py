@@ -263,7 +263,7 @@ class Agent:
         if self.settings.redis_url is not None:
             return self.settings.redis_url.get_secret_value()
         try:
-            spec, url = embedded.server_spec(self.settings.state_dir)
+            spec, url = embedded.server_spec(self.settings.registry_socket)
         except RegistryError as exc:
             raise AgentError(str(exc)) from None
         registry_profile = Profile(name="embedded", source="(built in)", services={embedded.SERVICE_NAME: spec})
@@ -292,7 +292,7 @@ class Agent:
             return None
         profile = load_profile(self.profile.source, self.settings.profiles_dir)
         gpus = self.ctx.gpus.gpus if self.ctx and self.ctx.gpus else []
-        ports = {s["name"]: s["port"] for s in self.table.snapshot()}
+        ports = {n: self.table.get(n).spec.port for n in self.table.names()}
         for spec in expand(profile, gpus, self.paths, self.machine_id, self._environ, keep_ports=ports):
             if spec.name == name:
                 return spec
@@ -312,7 +312,7 @@ class Agent:
             registry_connected=bool(self.heartbeat and self.heartbeat.connected),
         )
 
-    def capabilities(self) -> dict[str, Any]:
+    def capabilities(self, snapshot: list[dict[str, Any]]) -> dict[str, Any]:
         """The static capability record: host, GPUs, services with job-facing names, verified models."""
         ctx = self.ctx
         services = [
@@ -323,7 +323,7 @@ class Agent:
                 "port": s["port"],
                 "gpu": s["gpu"],
             }
-            for s in self.table.snapshot()
+            for s in snapshot
             if s["service"] != embedded.SERVICE_NAME
         ]
         models = [
@@ -343,9 +343,10 @@ class Agent:
     def record(self) -> dict[str, Any]:
         """The machine record written to Redis at every heartbeat."""
         phase, reasons = self.phase()
-        caps = self.capabilities()
+        snapshot = self.table.snapshot()  # reads each instance's log state file: once per beat, not twice
+        caps = self.capabilities(snapshot)
         caps_hash = hashlib.sha256(json.dumps(caps, sort_keys=True).encode()).hexdigest()[:16]
-        running = sorted({name for s in self.table.snapshot() if s["state"] == "RUNNING" for name in s["capabilities"]})
+        running = sorted({name for s in snapshot if s["state"] == "RUNNING" for name in s["capabilities"]})
         return {
             "schema": "1",
             "machine_id": self.machine_id,

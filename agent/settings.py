@@ -77,7 +77,7 @@ class Settings(BaseSettings):
     def _socket_paths_fit(self) -> Settings:
         sockets = [("runtime_dir", self.control_socket)]
         if self.redis_url is None:
-            sockets.append(("state_dir", self.state_dir.absolute() / "registry" / "redis.sock"))
+            sockets.append(("state_dir", self.registry_socket))
         for field, path in sockets:
             if len(str(path.absolute())) > MAX_SOCKET_PATH:
                 raise ValueError(f"{field} is too long for the unix socket {path} ({MAX_SOCKET_PATH} bytes at most)")
@@ -99,6 +99,11 @@ class Settings(BaseSettings):
     def control_socket(self) -> Path:
         """Unix socket of the local API."""
         return self.runtime_dir / "agent.sock"
+
+    @property
+    def registry_socket(self) -> Path:
+        """Unix socket of the embedded registry server (used when no redis_url is set)."""
+        return self.state_dir.absolute() / "registry" / "redis.sock"
 
     @property
     def redis_url_redacted(self) -> str | None:

