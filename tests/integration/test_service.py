@@ -29,6 +29,17 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def http_service(pidfile: Path, readiness: ReadinessSpec, **extra: Any) -> ServiceSpec:
+    """tests/programs/http_service.py on a free port, recording its pid in `pidfile`, restarted fast."""
+    return ServiceSpec(
+        command=["{python}", str(PROGRAMS / "http_service.py"), "{port}", str(pidfile)],
+        port=free_port(),
+        readiness=readiness,
+        restart=FAST,
+        **extra,
+    )
+
+
 def table_with(tmp: Path, **services: ServiceSpec) -> ProcessTable:
     table = ProcessTable(ProcessLauncher())
     for spec in expand(Profile(name="t", source="t", services=services), [], Paths(tmp, tmp, tmp / "logs"), "m", {}):
@@ -50,12 +61,7 @@ def transitions(table: ProcessTable, name: str) -> list[tuple[str, str]]:
 def test_service_is_running_only_when_ready_and_is_restarted_after_sigkill(tmp_path: Path) -> None:
     """RUNNING comes after the HTTP probe passes; a SIGKILLed child is restarted with a new pid."""
     pidfile = tmp_path / "pid"
-    spec = ServiceSpec(
-        command=["{python}", str(PROGRAMS / "http_service.py"), "{port}", str(pidfile)],
-        port=free_port(),
-        readiness=ReadinessSpec(kind=ProbeKind.HTTP, interval_s=0.05),
-        restart=FAST,
-    )
+    spec = http_service(pidfile, ReadinessSpec(kind=ProbeKind.HTTP, interval_s=0.05))
     table = table_with(tmp_path, web=spec)
 
     async def scenario() -> dict[str, Any]:
@@ -482,12 +488,10 @@ def test_case_crash_loop_backs_off_to_the_cap_with_the_reason_visible(tmp_path: 
 def test_a_hung_service_is_detected_by_liveness_and_restarted(tmp_path: Path) -> None:
     """A RUNNING server that stops answering (SIGSTOP) fails its liveness probes and is restarted as a failure."""
     pidfile = tmp_path / "pid"
-    spec = ServiceSpec(
-        command=["{python}", str(PROGRAMS / "http_service.py"), "{port}", str(pidfile)],
-        port=free_port(),
+    spec = http_service(
+        pidfile,
+        ReadinessSpec(kind=ProbeKind.HTTP, interval_s=0.05, liveness_interval_s=0.1, liveness_failures=2),
         stop_timeout_s=2,
-        readiness=ReadinessSpec(kind=ProbeKind.HTTP, interval_s=0.05, liveness_interval_s=0.1, liveness_failures=2),
-        restart=FAST,
     )
     table = table_with(tmp_path, web=spec)
 
