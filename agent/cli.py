@@ -20,6 +20,7 @@ from agent.errors import AgentError, AgentNotRunning, ConfigError
 
 if TYPE_CHECKING:
     from agent.profile import Profile
+    from agent.redact import SecretMasker
     from agent.settings import Settings
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_PARTIAL = 0, 1, 2, 3, 4
@@ -62,6 +63,12 @@ def _parser() -> argparse.ArgumentParser:
     signal_cmd.add_argument("signal", help="e.g. HUP, USR1, SIGTERM")
     check = sub.add_parser("check", parents=[common], help="validate settings and profile; start nothing")
     check.add_argument("--profile", help="profile name or path (overrides EMP_AGENT_PROFILE)")
+    pull = sub.add_parser(
+        "pull",
+        parents=[common],
+        help="download and verify the profile's models, then exit (image bakes; safe beside a running agent)",
+    )
+    pull.add_argument("--profile", help="profile name or path (overrides EMP_AGENT_PROFILE)")
     sub.add_parser("detect", parents=[common], help="print host facts and GPUs as JSON")
     sub.add_parser("version", help="print the agent version")
     return parser
@@ -82,6 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _check(args)
         if args.command == "detect":
             return _detect(args)
+        if args.command == "pull":
+            return _pull(args)
         return _run(args)
     except ConfigError as exc:
         for problem in exc.problems:
@@ -196,23 +205,75 @@ def _detect(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     import asyncio
-    import os
 
     from agent.daemon import Agent
     from agent.logconfig import configure_logging
-    from agent.redact import SecretMasker
 
     settings, profile = _load(args, need_profile=True)
     assert profile is not None  # _load raised otherwise
+    configure_logging(settings.log_level, settings.log_format.value, _masker(settings, profile))
+    return asyncio.run(Agent(settings, profile).run())
+
+
+def _masker(settings: Settings, profile: Profile) -> SecretMasker:
+    """A log processor that knows every secret value this agent may hold: the Redis password, the tokens of the
+    model sources, and the variables services inherit."""
+    import os
+
+    from agent.pull.source import DEFAULT_TOKEN_ENV
+    from agent.redact import SecretMasker, url_secrets
+
     masker = SecretMasker()
     if settings.redis_url is not None:
-        from agent.redact import url_secrets
-
         for secret in url_secrets(settings.redis_url.get_secret_value()):
             masker.add(secret)
-    for service in profile.services.values():
-        for name in service.inherit_env:
-            if os.environ.get(name):
-                masker.add(os.environ[name])
-    configure_logging(settings.log_level, settings.log_format.value, masker)
-    return asyncio.run(Agent(settings, profile).run())
+    names = {n for service in profile.services.values() for n in service.inherit_env}
+    names |= {m.auth_env for m in profile.models.values() if m.auth_env} | set(DEFAULT_TOKEN_ENV.values())
+    for name in names:
+        if os.environ.get(name):
+            masker.add(os.environ[name])
+    return masker
+
+
+def _pull(args: argparse.Namespace) -> int:
+    import os
+    import threading
+
+    from agent.logconfig import configure_logging
+    from agent.pull.progress import bar
+    from agent.pull.puller import open_puller
+
+    settings, profile = _load(args, need_profile=True)
+    assert profile is not None  # _load raised otherwise
+    configure_logging(settings.log_level, settings.log_format.value, _masker(settings, profile))
+    puller, transport = open_puller(settings, os.environ)
+    finished = threading.Event()
+    drawer = None
+    if sys.stderr.isatty():
+
+        def draw() -> None:
+            while not finished.wait(0.5):
+                if puller.progress.planned_yet:
+                    print("\r" + bar(puller.progress.snapshot()), end="", file=sys.stderr, flush=True)
+
+        drawer = threading.Thread(target=draw, daemon=True)
+        drawer.start()
+    try:
+        statuses = puller.pull(profile.models)
+    except KeyboardInterrupt:
+        puller.cancel()
+        raise
+    finally:
+        finished.set()
+        if drawer is not None:
+            drawer.join()
+            print(file=sys.stderr)
+        transport.close()
+    failed = 0
+    for status in statuses.values():
+        if status.state == "failed":
+            failed += 1
+            print(f"{status.name}: ERROR ({status.error})")
+        else:
+            print(f"{status.name}: {status.state} {status.dest}")
+    return EXIT_FAILED if failed else EXIT_OK

@@ -20,15 +20,15 @@ from agent.bootstrap.context import BootstrapContext
 from agent.bootstrap.pipeline import Pipeline, Stage
 from agent.bootstrap.stages import default_stages
 from agent.errors import AgentError, ConfigError, Problem, RegistryError
-from agent.host.download import UrlFetcher
+from agent.host.download import HttpTransport
 from agent.host.gpu import GpuProbe, NvmlProbe
 from agent.host.launcher import Launcher, ProcessLauncher
 from agent.host.lock import DirectoryLock
 from agent.host.notify import Notifier
 from agent.identity import boot_id, instance_id, machine_id
 from agent.machine import Phase, compute_phase
-from agent.modelstore import ModelStore
 from agent.profile import Profile, load_profile
+from agent.pull.puller import ModelPuller, open_puller
 from agent.registry import embedded
 from agent.registry.client import RedisRegistry
 from agent.registry.heartbeat import Heartbeat
@@ -119,15 +119,15 @@ class Agent:
             pid=os.getpid(),
             socket=str(self.settings.control_socket),
         )
-        fetcher = UrlFetcher(self.settings.ca_bundle)
+        puller, transport = open_puller(self.settings, self._environ, self._on_event)
         self._notifier.notify(STATUS="starting")
         watchdog = asyncio.create_task(self._watchdog(), name="watchdog")
-        startup = asyncio.create_task(self._startup(fetcher), name="startup")
+        startup = asyncio.create_task(self._startup(puller), name="startup")
         try:
             await self._shutdown.wait()
         finally:
             self._notifier.notify(STOPPING="1", STATUS="stopping")
-            code = await self._teardown(startup, api, fetcher)
+            code = await self._teardown(startup, api, transport)
             watchdog.cancel()
         return code
 
@@ -177,7 +177,7 @@ class Agent:
             raise
         return held
 
-    async def _startup(self, fetcher: UrlFetcher) -> None:
+    async def _startup(self, puller: ModelPuller) -> None:
         """Registry, then the bootstrap pipeline; cancelled as a whole when shutdown is requested."""
         try:
             url = await self._registry_url_or_embedded()
@@ -194,7 +194,7 @@ class Agent:
             paths=self.paths,
             table=self.table,
             gpu_probe=self._gpu_probe,
-            models=ModelStore(self.settings.model_root, self.settings.state_dir / "models.json", fetcher),
+            models=puller,
             registrar=self.heartbeat,
             agent_env=self._environ,
             ledger=self.ledger,
@@ -225,7 +225,7 @@ class Agent:
             self._published_phase = phase
             self.heartbeat.kick()
 
-    async def _teardown(self, startup: asyncio.Task[None], api: ControlApi, fetcher: UrlFetcher) -> int:
+    async def _teardown(self, startup: asyncio.Task[None], api: ControlApi, transport: HttpTransport) -> int:
         self._stopping = True
         log.info("stopping", phase=Phase.STOPPING.value)
         if not startup.done():
@@ -241,7 +241,7 @@ class Agent:
             await self._registry.aclose()
         await self.table.stop_all()
         await self._sweep_unclaimed()
-        await fetcher.aclose()
+        transport.close()
         await api.stop()
         forced = self._force.is_set()
         log.info("stopped", forced=forced)
@@ -381,6 +381,7 @@ class Agent:
             "stages": [r.to_dict() for r in self.pipeline.records] if self.pipeline else [],
             "services": self.table.snapshot(),
             "models": [m.to_dict() for m in ctx.model_status.values()] if ctx else [],
+            "pull": ctx.models.progress.snapshot() if ctx and ctx.models.progress.planned_yet else None,
             "gpus": ctx.gpus.to_dict() if ctx and ctx.gpus else None,
             "host": ctx.host.to_dict() if ctx and ctx.host else None,
             "registry": {

@@ -195,12 +195,29 @@ class ModelSpec(_Frozen):
     dest: str
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     size: int | None = Field(default=None, ge=0)
+    auth_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    auth_hosts: list[str] = Field(default_factory=list)
 
     @field_validator("url")
     @classmethod
     def _supported_scheme(cls, value: str) -> str:
-        if urlsplit(value).scheme not in {"http", "https", "file"}:
-            raise ValueError("scheme must be http, https or file")
+        parts = urlsplit(value)
+        if parts.scheme not in {"http", "https", "file", "hf", "civitai"}:
+            raise ValueError("scheme must be https, http, file, hf or civitai")
+        if parts.scheme in {"http", "https"} and not parts.hostname:
+            raise ValueError("must name a host")
+        if parts.scheme == "hf" and len([p for p in value[len("hf://") :].split("/") if p]) < 3:
+            raise ValueError("must look like hf://org/repo/path/in/repo[@revision]")
+        if parts.scheme == "civitai" and not (parts.netloc.isdigit() and parts.path in ("", "/")):
+            raise ValueError("must look like civitai://<model version id>")
+        return value
+
+    @field_validator("auth_hosts")
+    @classmethod
+    def _plain_hosts(cls, value: list[str]) -> list[str]:
+        for host in value:
+            if not host or "/" in host or "@" in host or host != host.strip():
+                raise ValueError(f"{host!r} is not a host name (or host:port)")
         return value
 
     @field_validator("dest")

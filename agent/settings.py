@@ -56,6 +56,21 @@ class Settings(BaseSettings):
     heartbeat_interval_s: float = Field(default=10.0, gt=0.05, le=600, description="Seconds between beats.")
     gpu_probe_timeout_s: float = Field(default=20.0, gt=0, le=600, description="Deadline of one NVML probe.")
     ca_bundle: Path | None = Field(default=None, description="Extra CA bundle (PEM) for model downloads.")
+    pull_files: int = Field(default=4, ge=1, le=64, description="Model files downloaded at once.")
+    pull_connections: int = Field(default=16, ge=1, le=256, description="HTTP connections of a pull, in all.")
+    pull_connections_per_host: int = Field(default=8, ge=1, le=64, description="HTTP connections to one host.")
+    pull_chunk_mib: int = Field(default=32, ge=1, le=4096, description="Size of one range request.")
+    pull_ranged_min_mib: int = Field(default=64, ge=1, description="Files at least this big use parallel ranges.")
+    pull_connect_timeout_s: float = Field(default=10.0, gt=0, le=600, description="TCP/TLS connect timeout.")
+    pull_stall_timeout_s: float = Field(
+        default=60.0, gt=0, le=3600, description="A stream with no byte for this long is retried."
+    )
+    pull_deadline_s: float = Field(default=21600.0, gt=0, description="Overall deadline of one model file.")
+    pull_attempts: int = Field(default=8, ge=1, le=100, description="Failures in a row without progress, per file.")
+    pull_retry_wait_s: float = Field(default=1.0, ge=0, le=300, description="First wait between retries.")
+    pull_disk_margin_mib: int = Field(default=1024, ge=0, description="Free space kept beyond what a pull needs.")
+    hf_endpoint: str = Field(default="https://huggingface.co", pattern=r"^https?://[^/?#]+/?$")
+    civitai_endpoint: str = Field(default="https://civitai.com", pattern=r"^https?://[^/?#]+/?$")
     log_level: str = Field(default="info", pattern=r"^(debug|info|warning|error)$")
     log_format: LogFormat = Field(default=LogFormat.AUTO, description="auto: console on a terminal, else JSON.")
 

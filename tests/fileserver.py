@@ -1,24 +1,73 @@
-"""A real HTTP(S) file server on loopback for download tests, with request counting and misbehaviours."""
+"""A real HTTP(S) file server on loopback for download tests: Range, ETag and If-Range like a CDN, plus
+misbehaviours switched on per file (drop the connection, ignore Range, redirect, pause, trickle)."""
 
 from __future__ import annotations
 
+import hashlib
+import re
 import ssl
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
+
+_RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
 
 
+@dataclass
+class Served:
+    """One request as the server saw it."""
+
+    name: str
+    headers: dict[str, str]
+    status: int = 0
+    first: int = 0
+    sent: int = 0
+
+    @property
+    def range(self) -> str | None:
+        """The Range header, if any."""
+        return self.headers.get("Range")
+
+
+@dataclass
 class FileServer:
-    """Serves files from `root`; `truncate[name] = n` sends only n bytes of that file; `status[name]` forces a code."""
+    """Serves `files[name]` (bytes in memory) with an ETag derived from the content.
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.requests: list[tuple[str, dict[str, str]]] = []
-        self.truncate: dict[str, int] = {}
-        self.status: dict[str, int] = {}
-        self.url = ""
+    Misbehaviours, per file name: `drop_at[name] = n` closes the connection once the body reaches absolute offset
+    n (once per entry in the list); `ignore_range` answers every request with 200 and the whole body; `redirect[name]
+    = url` answers 302; `status[name]` forces a code; `content_type` / `content_disposition` add headers;
+    `pause_at[name] = (offset, event)` stops sending at that offset until the event is set; `rate[name]` trickles
+    the body at that many bytes per second; `hold[name] = (n, reached, release)` makes the n-th data request
+    (0-based, probes not counted) set `reached` and wait for `release` before it looks at the file.
+    """
+
+    files: dict[str, bytes] = field(default_factory=dict)
+    requests: list[Served] = field(default_factory=list)
+    drop_at: dict[str, list[int]] = field(default_factory=dict)
+    ignore_range: set[str] = field(default_factory=set)
+    redirect: dict[str, str] = field(default_factory=dict)
+    status: dict[str, int] = field(default_factory=dict)
+    content_type: dict[str, str] = field(default_factory=dict)
+    content_disposition: dict[str, str] = field(default_factory=dict)
+    pause_at: dict[str, tuple[int, threading.Event]] = field(default_factory=dict)
+    rate: dict[str, float] = field(default_factory=dict)
+    hold: dict[str, tuple[int, threading.Event, threading.Event]] = field(default_factory=dict)
+    url: str = ""
+
+    def etag(self, name: str) -> str:
+        """A strong ETag that changes with the content."""
+        return '"' + hashlib.sha256(self.files[name]).hexdigest()[:16] + '"'
+
+    def data_requests(self, name: str) -> list[Served]:
+        """Requests for `name` that moved more than the one-byte probe."""
+        return [r for r in self.requests if r.name == name and r.range != "bytes=0-0"]
+
+    def bytes_sent(self, name: str) -> int:
+        """Body bytes sent for `name`, all requests together."""
+        return sum(r.sent for r in self.requests if r.name == name)
 
     def handler(self) -> type[BaseHTTPRequestHandler]:
         server = self
@@ -28,25 +77,78 @@ class FileServer:
 
             def do_GET(self) -> None:
                 name = self.path.split("?", 1)[0].lstrip("/")
-                server.requests.append((name, dict(self.headers)))
+                served = Served(name, dict(self.headers))
+                server.requests.append(served)
+                if name in server.redirect:
+                    self._head(302, 0, {"Location": server.redirect[name]}, served)
+                    return
                 if name in server.status:
-                    self.send_response(server.status[name])
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
+                    self._head(server.status[name], 0, {}, served)
                     return
-                path = server.root / name
-                if not path.is_file():
-                    self.send_response(404)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
+                held = server.hold.get(name)
+                if held is not None and len(server.data_requests(name)) == held[0] + 1 and served.range != "bytes=0-0":
+                    held[1].set()
+                    held[2].wait()
+                if name not in server.files:
+                    self._head(404, 0, {}, served)
                     return
-                data = path.read_bytes()
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(data)))
+                data = server.files[name]
+                etag = server.etag(name)
+                headers = {"ETag": etag, "Accept-Ranges": "bytes"}
+                if name in server.content_type:
+                    headers["Content-Type"] = server.content_type[name]
+                if name in server.content_disposition:
+                    headers["Content-Disposition"] = server.content_disposition[name]
+                first, last = 0, len(data) - 1
+                match = _RANGE.match(self.headers.get("Range", ""))
+                if_range = self.headers.get("If-Range")
+                partial = match is not None and name not in server.ignore_range and if_range in (None, etag)
+                if partial and match is not None:
+                    first = int(match.group(1))
+                    last = min(int(match.group(2)), len(data) - 1) if match.group(2) else len(data) - 1
+                    headers["Content-Range"] = f"bytes {first}-{last}/{len(data)}"
+                self._head(206 if partial else 200, last - first + 1, headers, served)
+                served.first = first
+                self._body(name, data, first, last + 1, served)
+
+            def _head(self, code: int, length: int, headers: dict[str, str], served: Served) -> None:
+                served.status = code
+                self.send_response(code)
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(length))
                 self.end_headers()
-                self.wfile.write(data[: server.truncate.get(name, len(data))])
-                if name in server.truncate:
-                    self.close_connection = True
+
+            def _body(self, name: str, data: bytes, offset: int, end: int, served: Served) -> None:
+                drops = server.drop_at.get(name, [])
+                drop = next((d for d in drops if offset < d < end), None)
+                pause = server.pause_at.get(name)
+                rate = server.rate.get(name)
+                piece = 64 * 1024
+                started = time.monotonic()
+                while offset < end:
+                    stop = min(end, offset + piece)
+                    if drop is not None:
+                        stop = min(stop, drop)
+                    if pause is not None and offset < pause[0] <= stop:
+                        stop = pause[0]
+                    try:
+                        self.wfile.write(data[offset:stop])
+                    except OSError:
+                        break
+                    served.sent += stop - offset
+                    offset = stop
+                    if drop is not None and offset == drop:
+                        drops.remove(drop)
+                        self.close_connection = True
+                        return
+                    if pause is not None and offset == pause[0]:
+                        self.wfile.flush()
+                        pause[1].wait()
+                    if rate:
+                        ahead = served.sent / rate - (time.monotonic() - started)
+                        if ahead > 0:
+                            time.sleep(ahead)  # the trickle itself, not a synchronisation
 
             def log_message(self, *args: object) -> None:
                 pass
@@ -55,20 +157,24 @@ class FileServer:
 
 
 @contextmanager
-def serve_files(root: Path, tls: ssl.SSLContext | None = None) -> Iterator[FileServer]:
+def serve_files(files: dict[str, bytes] | None = None, tls: ssl.SSLContext | None = None) -> Iterator[FileServer]:
     """Run a FileServer on 127.0.0.1 on a free port in a thread."""
-    files = FileServer(root)
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), files.handler())
+    server = FileServer(files=dict(files or {}))
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), server.handler())
     httpd.daemon_threads = True
     scheme = "http"
     if tls is not None:
         httpd.socket = tls.wrap_socket(httpd.socket, server_side=True)
         scheme = "https"
-    files.url = f"{scheme}://127.0.0.1:{httpd.server_address[1]}"
+    server.url = f"{scheme}://127.0.0.1:{httpd.server_address[1]}"
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     try:
-        yield files
+        yield server
     finally:
+        for _, event in server.pause_at.values():
+            event.set()
+        for _, _, release in server.hold.values():
+            release.set()
         httpd.shutdown()
         httpd.server_close()

@@ -8,8 +8,8 @@ from typing import Protocol
 
 from agent.host.facts import HostFacts
 from agent.host.gpu import GpuProbe, GpuReport
-from agent.modelstore import ModelStatus, ModelStore
 from agent.profile import Profile
+from agent.pull.puller import ModelPuller, ModelStatus
 from agent.settings import Settings
 from agent.supervisor.instances import Paths
 from agent.supervisor.ledger import ProcessLedger
@@ -34,7 +34,7 @@ class BootstrapContext:
     paths: Paths
     table: ProcessTable
     gpu_probe: GpuProbe
-    models: ModelStore
+    models: ModelPuller
     registrar: Registrar
     agent_env: Mapping[str, str]
     ledger: ProcessLedger | None = None

@@ -1,85 +1,167 @@
-"""Fetching bytes from http(s) and file URLs; httpx errors become ModelPullError here and nowhere else."""
+"""HTTP(S) transfers for model pulls: one pooled httpx client, redirects followed by hand so a token only ever
+reaches the hosts allowed to see it; httpx errors become ModelPullError here and nowhere else."""
 
 from __future__ import annotations
 
-import asyncio
+import re
 import ssl
-from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import certifi
 import httpx
 
+from agent import __version__
 from agent.errors import ModelPullError
 from agent.redact import redact_source
 
-CHUNK = 1024 * 1024
-Sink = Callable[[bytes], None]
+MAX_REDIRECTS = 5
+_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
 
 class TransientPullError(ModelPullError):
-    """A failure worth retrying (connection reset, timeout, 5xx, 429)."""
+    """A failure worth retrying (connection reset, stall, 5xx, 429, 408)."""
 
 
-class Fetcher(Protocol):
-    """Streams a URL's body into a sink."""
-
-    async def fetch(self, url: str, sink: Sink) -> None: ...
+class RemoteChanged(TransientPullError):
+    """The remote file is no longer the version the partial data came from."""
 
 
-class UrlFetcher:
-    """http/https through one httpx client (TLS always verified), file:// from the local filesystem."""
+@dataclass(frozen=True)
+class Credential:
+    """A bearer token and the hosts (`host` or `host:port`) allowed to receive it. `repr` never shows the token."""
 
-    def __init__(self, ca_bundle: Path | None = None, connect_timeout_s: float = 15.0, read_timeout_s: float = 60.0):
+    token: str
+    hosts: frozenset[str]
+
+    def __repr__(self) -> str:
+        return f"Credential(hosts={sorted(self.hosts)!r})"
+
+    def allows(self, url: str) -> bool:
+        """True when `url`'s host (or host:port) is on the list."""
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        return host in self.hosts or (parts.port is not None and f"{host}:{parts.port}" in self.hosts)
+
+
+class Reply:
+    """A response whose headers have arrived; the body is read with `chunks()`."""
+
+    def __init__(self, response: httpx.Response, url: str) -> None:
+        self._response = response
+        self.url = url
+        self.status = response.status_code
+
+    def header(self, name: str) -> str | None:
+        """A response header, or None."""
+        value: str | None = self._response.headers.get(name)
+        return value
+
+    def content_range(self) -> tuple[int, int, int | None] | None:
+        """(first, last, total) from Content-Range, or None when absent or malformed."""
+        match = _CONTENT_RANGE.match(self.header("content-range") or "")
+        if not match:
+            return None
+        total = None if match.group(3) == "*" else int(match.group(3))
+        return int(match.group(1)), int(match.group(2)), total
+
+    def chunks(self) -> Iterator[bytes]:
+        """The raw body as it arrives (no re-chunking, no decoding: we ask for identity)."""
+        shown = redact_source(self.url)
+        try:
+            yield from self._response.iter_raw()
+        except httpx.TimeoutException:
+            raise TransientPullError(f"{shown}: stalled (no data within the read timeout)") from None
+        except httpx.TransportError as exc:
+            raise TransientPullError(f"{shown}: connection lost: {type(exc).__name__}") from None
+
+
+class Transport(Protocol):
+    """Opens a GET and hands back its reply; a fake can serve bytes from memory."""
+
+    def get(
+        self, url: str, headers: dict[str, str] | None = None, credential: Credential | None = None
+    ) -> AbstractContextManager[Reply]: ...
+
+
+class HttpTransport:
+    """One httpx client (HTTP/1.1: each range gets its own TCP window) with verified TLS and proxies from the
+    environment."""
+
+    def __init__(
+        self,
+        ca_bundle: Path | None = None,
+        connect_timeout_s: float = 10.0,
+        stall_timeout_s: float = 60.0,
+        max_connections: int = 16,
+    ) -> None:
         context = ssl.create_default_context(cafile=certifi.where())
         if ca_bundle is not None:
             context.load_verify_locations(cafile=str(ca_bundle))
-        self._client = httpx.AsyncClient(
+        self._client = httpx.Client(
             verify=context,
-            follow_redirects=True,
-            timeout=httpx.Timeout(read_timeout_s, connect=connect_timeout_s),
-            trust_env=False,
-            headers={"User-Agent": "emp-agent"},
+            follow_redirects=False,
+            timeout=httpx.Timeout(stall_timeout_s, connect=connect_timeout_s, pool=None),
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+            trust_env=True,
+            headers={"User-Agent": f"emp-agent/{__version__}", "Accept-Encoding": "identity"},
         )
 
-    async def aclose(self) -> None:
+    def close(self) -> None:
         """Close pooled connections."""
-        await self._client.aclose()
+        self._client.close()
 
-    async def fetch(self, url: str, sink: Sink) -> None:
-        """Stream the body into `sink`; raises ModelPullError (TransientPullError when a retry may help)."""
-        scheme = urlsplit(url).scheme
-        if scheme == "file":
-            await asyncio.to_thread(_copy_file, Path(unquote(urlsplit(url).path)), sink)
-            return
+    @contextmanager
+    def get(
+        self, url: str, headers: dict[str, str] | None = None, credential: Credential | None = None
+    ) -> Iterator[Reply]:
+        """GET `url`, following at most 5 redirects (never from https to http). The token goes only to allowed
+        hosts; a server-provided file name is never looked at."""
+        current = url
+        for _ in range(MAX_REDIRECTS + 1):
+            sent = dict(headers or {})
+            if credential is not None and credential.allows(current):
+                sent["Authorization"] = f"Bearer {credential.token}"
+            response = self._send(current, sent)
+            if not response.is_redirect:
+                try:
+                    yield Reply(response, current)
+                finally:
+                    response.close()
+                return
+            location = response.headers.get("location", "")
+            response.close()
+            target = urljoin(current, location)
+            if urlsplit(current).scheme == "https" and urlsplit(target).scheme != "https":
+                raise ModelPullError(f"{redact_source(url)}: refused a redirect from https to {redact_source(target)}")
+            current = target
+        raise ModelPullError(f"{redact_source(url)}: more than {MAX_REDIRECTS} redirects")
+
+    def _send(self, url: str, headers: dict[str, str]) -> httpx.Response:
         shown = redact_source(url)
         try:
-            async with self._client.stream("GET", url) as response:
-                if response.status_code != 200:
-                    error = (
-                        TransientPullError
-                        if response.status_code in (408, 429) or response.status_code >= 500
-                        else ModelPullError
-                    )
-                    raise error(f"{shown}: HTTP {response.status_code}")
-                async for chunk in response.aiter_bytes(CHUNK):
-                    sink(chunk)
+            return self._client.send(self._client.build_request("GET", url, headers=headers), stream=True)
         except httpx.TimeoutException as exc:
             raise TransientPullError(f"{shown}: timed out ({type(exc).__name__})") from None
         except httpx.TransportError as exc:
             if isinstance(exc, httpx.ConnectError) and "CERTIFICATE_VERIFY_FAILED" in str(exc):
-                raise ModelPullError(f"{shown}: TLS certificate not trusted") from None
-            raise TransientPullError(f"{shown}: {type(exc).__name__}: {exc}") from None
+                raise ModelPullError(f"{shown}: TLS certificate not trusted (set ca_bundle for a private CA)") from None
+            raise TransientPullError(f"{shown}: {type(exc).__name__}: {_first_line(exc)}") from None
         except httpx.HTTPError as exc:
             raise ModelPullError(f"{shown}: {type(exc).__name__}") from None
 
 
-def _copy_file(path: Path, sink: Sink) -> None:
-    try:
-        with path.open("rb") as handle:
-            while chunk := handle.read(CHUNK):
-                sink(chunk)
-    except OSError as exc:
-        raise ModelPullError(f"file://{path}: {exc.strerror or exc}") from None
+def http_error(url: str, status: int) -> ModelPullError:
+    """The error for an unexpected status: retryable for 408, 425, 429 and 5xx."""
+    hint = {401: " (missing or wrong token?)", 403: " (forbidden: token, gated model or expired link?)"}.get(status, "")
+    retry = status in (408, 425, 429) or status >= 500
+    return (TransientPullError if retry else ModelPullError)(f"{redact_source(url)}: HTTP {status}{hint}")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).splitlines()
+    return text[0] if text else ""

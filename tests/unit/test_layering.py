@@ -16,6 +16,7 @@ LAYERS = [
     {"agent.settings"},
     {"agent.profile"},
     {"agent.host"},
+    {"agent.pull"},
     {"agent.supervisor"},
     {"agent.bootstrap", "agent.registry"},
     {"agent.api"},
@@ -48,7 +49,7 @@ def imports_of(path: Path) -> set[str]:
 
 
 def test_lower_layers_do_not_import_higher_ones() -> None:
-    """settings -> profile -> host -> supervisor -> bootstrap/registry -> api -> daemon -> cli, never backwards."""
+    """settings -> profile -> host -> pull -> supervisor -> bootstrap/registry -> api -> daemon -> cli, never backwards."""
     violations = []
     for path in AGENT.rglob("*.py"):
         name = module_name(path)

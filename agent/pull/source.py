@@ -1,0 +1,79 @@
+"""Where a model comes from: `hf://`, `civitai://`, `file://` and http(s) sources resolved to a URL and a
+credential that only the allowed hosts may receive."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote, unquote, urlsplit
+
+from agent.errors import ModelPullError
+from agent.host.download import Credential
+from agent.profile import ModelSpec
+from agent.redact import redact_source
+
+#: Token variables used for the convenience schemes when the manifest names none (and the variable is set).
+DEFAULT_TOKEN_ENV = {"hf": "HF_TOKEN", "civitai": "CIVITAI_API_TOKEN"}
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """Base URLs of the convenience schemes (settings; tests point them at loopback)."""
+
+    huggingface: str = "https://huggingface.co"
+    civitai: str = "https://civitai.com"
+
+
+@dataclass(frozen=True)
+class Source:
+    """A resolved model source. `shown` is safe to print (no user info, no query string)."""
+
+    url: str
+    credential: Credential | None
+    shown: str
+
+    @property
+    def is_file(self) -> bool:
+        """True for a local or mounted path."""
+        return urlsplit(self.url).scheme == "file"
+
+    @property
+    def local_path(self) -> Path:
+        """The path of a file:// source."""
+        return Path(unquote(urlsplit(self.url).path))
+
+
+def resolve(spec: ModelSpec, endpoints: Endpoints, environ: Mapping[str, str]) -> Source:
+    """The download URL of `spec` and the credential for it, if its token variable is set."""
+    parts = urlsplit(spec.url)
+    if parts.scheme == "hf":
+        url = huggingface_url(spec.url, endpoints.huggingface)
+    elif parts.scheme == "civitai":
+        url = f"{endpoints.civitai.rstrip('/')}/api/download/models/{parts.netloc}"
+    else:
+        url = spec.url
+    token_env = spec.auth_env or DEFAULT_TOKEN_ENV.get(parts.scheme)
+    token = environ.get(token_env) if token_env else None
+    if spec.auth_env and not token:
+        raise ModelPullError(f"{redact_source(url)}: the token variable {spec.auth_env} is not set")
+    credential = None
+    if token:
+        hosts = frozenset(spec.auth_hosts) if spec.auth_hosts else frozenset({_origin_host(url)})
+        credential = Credential(token, hosts)
+    return Source(url, credential, redact_source(url))
+
+
+def huggingface_url(source: str, endpoint: str) -> str:
+    """`hf://org/repo/path/in/repo[@revision]` -> `<endpoint>/org/repo/resolve/<revision>/path/in/repo`."""
+    rest = source[len("hf://") :]
+    revision = "main"
+    if "@" in rest.rsplit("/", 1)[-1]:
+        rest, revision = rest.rsplit("@", 1)
+    org, repo, path = rest.split("/", 2)
+    return f"{endpoint.rstrip('/')}/{org}/{repo}/resolve/{quote(revision, safe='')}/{quote(path)}"
+
+
+def _origin_host(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.hostname}:{parts.port}" if parts.port is not None else parts.hostname or ""

@@ -1,0 +1,359 @@
+"""Moving one model's bytes into its partial file: probe, single stream or parallel ranges, resume, retries, and a
+sha256 computed while the bytes arrive."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential_jitter
+
+from agent.errors import ModelPullError
+from agent.host.download import RemoteChanged, TransientPullError, Transport, http_error
+from agent.pull.partial import Partial, Validator
+from agent.pull.ranges import split
+from agent.pull.source import Source
+
+HASH_CHUNK = 4 * 1024 * 1024
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+#: Bodies with these types are web pages or API errors, never model files.
+_NOT_A_MODEL = ("text/html", "application/json")
+
+
+class PullCancelled(ModelPullError):
+    """The agent is shutting down."""
+
+
+class DiskFull(ModelPullError):
+    """The model root's filesystem ran out of space while writing."""
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    """How one transfer behaves (from settings)."""
+
+    connections: int = 8
+    chunk_bytes: int = 32 * 1024 * 1024
+    ranged_min_bytes: int = 64 * 1024 * 1024
+    attempts: int = 8
+    retry_wait_s: float = 1.0
+    deadline_s: float = 6 * 3600.0
+
+
+@dataclass(frozen=True)
+class Remote:
+    """What a probe learned: the final URL (after redirects), the size, the validator, and Range support."""
+
+    url: str
+    validator: Validator
+    ranges: bool
+
+    @property
+    def size(self) -> int:
+        """Bytes in the remote file."""
+        return self.validator.size
+
+
+class ConnectionLimits:
+    """Connection slots shared by every transfer: a total and a per-host cap."""
+
+    def __init__(self, total: int, per_host: int) -> None:
+        self._total = threading.BoundedSemaphore(total)
+        self._per_host = per_host
+        self._hosts: dict[str, threading.BoundedSemaphore] = {}
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def slot(self, url: str) -> Iterator[None]:
+        """Hold one connection slot for `url`'s host."""
+        host = urlsplit(url).netloc
+        with self._lock:
+            semaphore = self._hosts.setdefault(host, threading.BoundedSemaphore(self._per_host))
+        with semaphore, self._total:
+            yield
+
+
+def probe(transport: Transport, source: Source, limits: ConnectionLimits, expected: int | None) -> Remote:
+    """`GET` with `Range: bytes=0-0` (never HEAD: presigned URLs are signed for GET): size, validator, ranges."""
+    with limits.slot(source.url), transport.get(source.url, {"Range": "bytes=0-0"}, source.credential) as reply:
+        content_type = (reply.header("content-type") or "").split(";")[0].strip().lower()
+        if reply.status in (200, 206) and content_type in _NOT_A_MODEL:
+            raise ModelPullError(
+                f"{source.shown}: the server answered with {content_type}, not a model file "
+                "(a login or error page? check the URL and the token)"
+            )
+        if reply.status == 206:
+            content_range = reply.content_range()
+            if content_range is None or content_range[2] is None:
+                raise ModelPullError(f"{source.shown}: malformed Content-Range {reply.header('content-range')!r}")
+            size, ranges = content_range[2], True
+        elif reply.status == 200:
+            length = reply.header("content-length")
+            if length is None or not length.isdigit():
+                if expected is None:
+                    raise ModelPullError(f"{source.shown}: the server does not say the size; set `size` in the profile")
+                length = str(expected)
+            size, ranges = int(length), False
+        else:
+            raise http_error(source.url, reply.status)
+        etag = reply.header("etag")
+        strong = etag if etag and not etag.startswith("W/") else None
+        validator = Validator(size, strong, None if strong else reply.header("last-modified"))
+        final = reply.url
+    if expected is not None and size != expected:
+        raise ModelPullError(f"{source.shown}: the server offers {size} bytes, the profile expects {expected}")
+    return Remote(final, validator, ranges)
+
+
+class Hasher:
+    """sha256 of the partial file's contiguous prefix, computed in a thread as the prefix grows (hashlib releases
+    the GIL, so it overlaps with the network on a second core); starts over when the partial is discarded."""
+
+    def __init__(self, partial: Partial) -> None:
+        self._partial = partial
+        self._digest = hashlib.sha256()
+        self._hashed = 0
+        self._generation = partial.generation
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._follow, name="emp-pull-hash", daemon=True)
+        self._buffer = bytearray(HASH_CHUNK)
+
+    def __enter__(self) -> Hasher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _follow(self) -> None:
+        while not self._stop.is_set():
+            prefix = self._partial.wait_for_prefix(self._hashed, timeout=0.2)
+            self._advance(prefix)
+
+    def _advance(self, upto: int) -> None:
+        if self._partial.generation != self._generation:
+            self._digest, self._hashed, self._generation = hashlib.sha256(), 0, self._partial.generation
+        view = memoryview(self._buffer)
+        while self._hashed < upto:
+            n = os.preadv(self._partial.fd, [view[: min(HASH_CHUNK, upto - self._hashed)]], self._hashed)
+            if n <= 0:
+                break
+            self._digest.update(view[:n])
+            self._hashed += n
+
+    def finish(self, size: int) -> str:
+        """Stop following and hash what is left; the hex digest of the first `size` bytes."""
+        self._stop.set()
+        self._thread.join()
+        self._advance(size)
+        return self._digest.hexdigest()
+
+
+class Transfer:
+    """Fills one Partial from one Source, retrying while progress is made; returns the sha256 of the result."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        source: Source,
+        partial: Partial,
+        limits: ConnectionLimits,
+        config: TransferConfig,
+        expected_size: int | None,
+        cancel: threading.Event,
+        on_bytes: Callable[[int], None],
+        on_retry: Callable[[str, int], None],
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._transport = transport
+        self._source = source
+        self._partial = partial
+        self._limits = limits
+        self._config = config
+        self._expected = expected_size
+        self._cancel = cancel
+        self._on_bytes = on_bytes
+        self._on_retry = on_retry
+        self._monotonic = monotonic
+        self._started = monotonic()
+        self._failures = 0
+        self._covered_at_failure = -1
+        self.resumed_bytes = 0
+        self.size = 0
+
+    def run(self) -> str:
+        """Download (or copy) until the partial is complete; the sha256 of its bytes."""
+        with Hasher(self._partial) as hasher:
+            retrying = Retrying(
+                stop=self._should_stop,
+                wait=wait_exponential_jitter(multiplier=self._config.retry_wait_s, max=30),
+                retry=retry_if_exception_type(TransientPullError),
+                sleep=self._sleep,
+                before_sleep=self._before_sleep,
+                reraise=True,
+            )
+            for attempt in retrying:
+                with attempt:
+                    self._attempt()
+            return hasher.finish(self.size)
+
+    def _attempt(self) -> None:
+        self._check_cancel()
+        try:
+            if self._source.is_file:
+                self._copy_local()
+                return
+            remote = probe(self._transport, self._source, self._limits, self._expected)
+            self.size = remote.size
+            kept = self._partial.adopt(remote.validator)
+            if self.resumed_bytes == 0 and kept:
+                self.resumed_bytes = kept
+            if remote.ranges and remote.size >= self._config.ranged_min_bytes and self._config.connections > 1:
+                self._ranged(remote)
+            else:
+                self._single(remote)
+        except RemoteChanged:
+            self._partial.discard()
+            raise
+        except OSError as exc:
+            if exc.errno in _DISK_FULL:
+                raise DiskFull(
+                    f"{self._source.shown}: disk full after {self._partial.covered()} of {self.size} bytes; "
+                    "the partial download is kept and resumes once space is freed"
+                ) from None
+            raise
+        finally:
+            self._partial.save(force=True)
+
+    def _single(self, remote: Remote) -> None:
+        start = self._partial.prefix() if remote.ranges else 0
+        headers = {}
+        if start and remote.validator.if_range:
+            headers = {"Range": f"bytes={start}-", "If-Range": remote.validator.if_range}
+        else:
+            start = 0
+        with self._limits.slot(remote.url), self._transport.get(remote.url, headers, self._source.credential) as reply:
+            if reply.status == 200:
+                start = 0  # no range support, or If-Range saw a new version: the whole file, from byte 0
+                if self._partial.covered():
+                    self._partial.discard()
+            elif reply.status == 206:
+                if reply.content_range() != (start, remote.size - 1, remote.size):
+                    raise TransientPullError(
+                        f"{self._source.shown}: wrong Content-Range {reply.header('content-range')}"
+                    )
+                self._check_etag(reply.header("etag"), remote)
+            else:
+                raise http_error(remote.url, reply.status)
+            self._receive(reply.chunks(), start, remote.size, None)
+
+    def _ranged(self, remote: Remote) -> None:
+        if os.fstat(self._partial.fd).st_size < remote.size:
+            os.posix_fallocate(self._partial.fd, 0, remote.size)
+        pieces = deque(split(self._partial.missing(remote.size), self._config.chunk_bytes))
+        stop = threading.Event()
+        errors: list[BaseException] = []
+
+        def worker() -> None:
+            while not stop.is_set():
+                try:
+                    first, end = pieces.popleft()
+                except IndexError:
+                    return
+                try:
+                    self._fetch_range(remote, first, end, stop)
+                except BaseException as exc:
+                    errors.append(exc)
+                    stop.set()
+
+        workers = [
+            threading.Thread(target=worker, name="emp-pull-range", daemon=True)
+            for _ in range(min(self._config.connections, len(pieces)))
+        ]
+        for thread in workers:
+            thread.start()
+        for thread in workers:
+            while thread.is_alive():
+                thread.join(0.2)
+                if self._cancel.is_set():
+                    stop.set()
+        self._check_cancel()
+        if errors:
+            fatal = [e for e in errors if not isinstance(e, TransientPullError)]
+            raise (fatal or errors)[0]
+
+    def _fetch_range(self, remote: Remote, first: int, end: int, stop: threading.Event) -> None:
+        headers = {"Range": f"bytes={first}-{end - 1}"}
+        if remote.validator.if_range:
+            headers["If-Range"] = remote.validator.if_range
+        with self._limits.slot(remote.url), self._transport.get(remote.url, headers, self._source.credential) as reply:
+            if reply.status == 200:
+                raise RemoteChanged(f"{self._source.shown}: the remote file changed (If-Range sent the whole file)")
+            if reply.status != 206:
+                raise http_error(remote.url, reply.status)
+            if reply.content_range() != (first, end - 1, remote.size):
+                raise TransientPullError(f"{self._source.shown}: wrong Content-Range {reply.header('content-range')}")
+            self._check_etag(reply.header("etag"), remote)
+            self._receive(reply.chunks(), first, end, stop)
+
+    def _receive(self, chunks: Iterator[bytes], offset: int, end: int, stop: threading.Event | None) -> None:
+        for chunk in chunks:
+            if stop is not None and stop.is_set():
+                return
+            self._check_cancel()
+            if self._monotonic() - self._started > self._config.deadline_s:
+                raise ModelPullError(f"{self._source.shown}: not done within {self._config.deadline_s:.0f} s")
+            if offset + len(chunk) > end:
+                raise RemoteChanged(f"{self._source.shown}: the server sent more bytes than announced")
+            self._partial.write(offset, chunk)
+            offset += len(chunk)
+            self._on_bytes(len(chunk))
+        if offset < end:
+            raise TransientPullError(f"{self._source.shown}: connection closed at byte {offset} of {end}")
+
+    def _check_etag(self, etag: str | None, remote: Remote) -> None:
+        if remote.validator.etag and etag and etag != remote.validator.etag:
+            raise RemoteChanged(f"{self._source.shown}: the remote file changed (ETag {etag})")
+
+    def _copy_local(self) -> None:
+        path = self._source.local_path
+        try:
+            stat = path.stat()
+            with path.open("rb", buffering=0) as handle:
+                self.size = stat.st_size
+                if self._expected is not None and stat.st_size != self._expected:
+                    raise ModelPullError(f"{path}: {stat.st_size} bytes, the profile expects {self._expected}")
+                self._partial.adopt(Validator(stat.st_size, None, None))
+                self._receive(iter(lambda: handle.read(HASH_CHUNK), b""), 0, stat.st_size, None)
+        except OSError as exc:
+            if exc.errno in _DISK_FULL:
+                raise
+            raise ModelPullError(f"{path}: {exc.strerror or exc}") from None
+
+    def _check_cancel(self) -> None:
+        if self._cancel.is_set():
+            raise PullCancelled(f"{self._source.shown}: cancelled (the agent is stopping)")
+
+    def _should_stop(self, state: RetryCallState) -> bool:
+        """Give up after `attempts` failures in a row without new bytes, or past the item's deadline."""
+        covered = self._partial.covered()
+        self._failures = 1 if covered > self._covered_at_failure else self._failures + 1
+        self._covered_at_failure = covered
+        return self._failures >= self._config.attempts or self._monotonic() - self._started > self._config.deadline_s
+
+    def _before_sleep(self, state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        self._on_retry(str(exc), state.attempt_number)
+
+    def _sleep(self, seconds: float) -> None:
+        if self._cancel.wait(seconds):
+            raise PullCancelled(f"{self._source.shown}: cancelled (the agent is stopping)")
