@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     pull_connections_per_host: int = Field(default=8, ge=1, le=64, description="HTTP connections to one host.")
     pull_chunk_mib: int = Field(default=32, ge=1, le=4096, description="Size of one range request.")
     pull_ranged_min_mib: int = Field(default=64, ge=1, description="Files at least this big use parallel ranges.")
+    pull_parallel_below_mbps: float = Field(
+        default=200.0, ge=0, description="One connection first; the others join when it moves less (MB/s)."
+    )
     pull_connect_timeout_s: float = Field(default=10.0, gt=0, le=600, description="TCP/TLS connect timeout.")
     pull_stall_timeout_s: float = Field(
         default=60.0, gt=0, le=3600, description="A stream with no byte for this long is retried."

@@ -1,7 +1,20 @@
 #!/usr/bin/env bash
-# Installs the peers the benchmark compares against into bench/.tools: supervisor (PyPI) and PM2 (npm).
+# Installs the peers the benchmarks compare against.
+#   bash bench/setup.sh          supervisor (PyPI) and PM2 (npm) into bench/.tools, for bench/supervisors.py
+#   bash bench/setup.sh --pull   nginx-light, curl and aria2 from the Debian archive (root), for bench/pull.py
 set -euo pipefail
 cd "$(dirname "$0")"
+if [ "${1:-}" = "--pull" ]; then
+  missing=""
+  command -v nginx >/dev/null || missing="$missing nginx-light"
+  command -v aria2c >/dev/null || missing="$missing aria2"
+  command -v curl >/dev/null || missing="$missing curl"
+  if [ -n "$missing" ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
+  fi
+  nginx -v; aria2c --version | head -1; curl --version | head -1
+  exit 0
+fi
 mkdir -p .tools
 [ -x .tools/venv/bin/supervisord ] || { python3 -m venv .tools/venv && .tools/venv/bin/pip install -q supervisor; }
 [ -x .tools/pm2/node_modules/.bin/pm2 ] || { mkdir -p .tools/pm2 && (cd .tools/pm2 && npm init -y >/dev/null && npm install --silent pm2); }

@@ -56,6 +56,9 @@ class FileServer:
     rate: dict[str, float] = field(default_factory=dict)
     hold: dict[str, tuple[int, threading.Event, threading.Event]] = field(default_factory=dict)
     url: str = ""
+    active: int = 0
+    max_active: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def etag(self, name: str) -> str:
         """A strong ETag that changes with the content."""
@@ -109,7 +112,14 @@ class FileServer:
                     headers["Content-Range"] = f"bytes {first}-{last}/{len(data)}"
                 self._head(206 if partial else 200, last - first + 1, headers, served)
                 served.first = first
-                self._body(name, data, first, last + 1, served)
+                with server._lock:
+                    server.active += 1
+                    server.max_active = max(server.max_active, server.active)
+                try:
+                    self._body(name, data, first, last + 1, served)
+                finally:
+                    with server._lock:
+                        server.active -= 1
 
             def _head(self, code: int, length: int, headers: dict[str, str], served: Served) -> None:
                 served.status = code

@@ -94,14 +94,18 @@ class Partial:
         self.generation += 1
         self._lock.notify_all()
 
-    def write(self, offset: int, data: bytes | memoryview) -> None:
-        """Write at `offset` and record the range (only after the write returned)."""
+    def write(self, offset: int, data: bytes | memoryview) -> int:
+        """Write at `offset` (not yet recorded: call `record` for what must count on resume); returns the length."""
         view = memoryview(data)
         written = 0
         while written < len(view):
             written += os.pwrite(self.fd, view[written:], offset + written)
+        return written
+
+    def record(self, start: int, end: int) -> None:
+        """Count [start, end) as on disk (only after its writes returned); wakes the hasher."""
         with self._lock:
-            self.done.add(offset, offset + written)
+            self.done.add(start, end)
             self._lock.notify_all()
         if self._monotonic() - self._saved_at >= SAVE_INTERVAL_S:
             self.save()
@@ -126,6 +130,12 @@ class Partial:
         with self._lock:
             self._lock.wait_for(lambda: self.done.prefix() > beyond, timeout)
             return self.done.prefix()
+
+    def wait_for_covered(self, at_least: int, timeout: float) -> int:
+        """Block until `at_least` bytes are recorded (or the timeout); returns the bytes recorded."""
+        with self._lock:
+            self._lock.wait_for(lambda: self.done.covered() >= at_least, timeout)
+            return self.done.covered()
 
     def save(self, force: bool = False) -> None:
         """Rewrite the sidecar (best effort, not fsynced: after a power loss the final sha256 check catches stale

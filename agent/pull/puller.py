@@ -53,6 +53,7 @@ class PullConfig:
                 attempts=settings.pull_attempts,
                 retry_wait_s=settings.pull_retry_wait_s,
                 deadline_s=settings.pull_deadline_s,
+                parallel_below_bps=settings.pull_parallel_below_mbps * 1e6,
             ),
             disk_margin_bytes=settings.pull_disk_margin_mib * MIB,
             endpoints=Endpoints(settings.hf_endpoint, settings.civitai_endpoint),

@@ -26,6 +26,9 @@ class RangeSet:
         """Mark [start, end) as present."""
         if end <= start:
             return
+        if self._ranges and self._ranges[-1][0] <= start <= self._ranges[-1][1]:  # the common case: appending
+            self._ranges[-1] = (self._ranges[-1][0], max(end, self._ranges[-1][1]))
+            return
         merged: list[tuple[int, int]] = []
         placed = False
         for lo, hi in self._ranges:

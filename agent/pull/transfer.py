@@ -23,6 +23,10 @@ from agent.pull.ranges import split
 from agent.pull.source import Source
 
 HASH_CHUNK = 4 * 1024 * 1024
+#: The hasher flushes the part file to disk every this many bytes, off the receiving thread.
+SYNC_STEP = 256 * 1024 * 1024
+#: Received bytes are recorded (resume point, progress, hasher wake-up) once per this many bytes.
+RECORD_STEP = 1024 * 1024
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 #: Bodies with these types are web pages or API errors, never model files.
 _NOT_A_MODEL = ("text/html", "application/json")
@@ -46,6 +50,8 @@ class TransferConfig:
     attempts: int = 8
     retry_wait_s: float = 1.0
     deadline_s: float = 6 * 3600.0
+    parallel_below_bps: float = 200e6
+    warmup_s: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -158,6 +164,34 @@ class Hasher:
         return self._digest.hexdigest()
 
 
+class Flusher:
+    """Writes the part file back to disk while bytes still arrive (fdatasync every SYNC_STEP bytes, in its own
+    thread), so the fsync before publication has only the tail left and the page cache never holds gigabytes of
+    dirty data."""
+
+    def __init__(self, partial: Partial) -> None:
+        self._partial = partial
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._follow, name="emp-pull-flush", daemon=True)
+
+    def __enter__(self) -> Flusher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _follow(self) -> None:
+        synced = self._partial.covered()
+        while not self._stop.is_set():
+            covered = self._partial.wait_for_covered(synced + SYNC_STEP, timeout=0.2)
+            if covered >= synced + SYNC_STEP:
+                with contextlib.suppress(OSError):
+                    os.fdatasync(self._partial.fd)
+                synced = covered
+
+
 class Transfer:
     """Fills one Partial from one Source, retrying while progress is made; returns the sha256 of the result."""
 
@@ -192,7 +226,7 @@ class Transfer:
 
     def run(self) -> str:
         """Download (or copy) until the partial is complete; the sha256 of its bytes."""
-        with Hasher(self._partial) as hasher:
+        with Hasher(self._partial) as hasher, Flusher(self._partial):
             retrying = Retrying(
                 stop=self._should_stop,
                 wait=wait_exponential_jitter(multiplier=self._config.retry_wait_s, max=30),
@@ -217,7 +251,7 @@ class Transfer:
             kept = self._partial.adopt(remote.validator)
             if self.resumed_bytes == 0 and kept:
                 self.resumed_bytes = kept
-            if remote.ranges and remote.size >= self._config.ranged_min_bytes and self._config.connections > 1:
+            if remote.ranges and remote.size >= self._config.ranged_min_bytes:
                 self._ranged(remote)
             else:
                 self._single(remote)
@@ -241,6 +275,8 @@ class Transfer:
             headers = {"Range": f"bytes={start}-", "If-Range": remote.validator.if_range}
         else:
             start = 0
+        if remote.size >= self._config.ranged_min_bytes and os.fstat(self._partial.fd).st_size < remote.size:
+            os.posix_fallocate(self._partial.fd, 0, remote.size)
         with self._limits.slot(remote.url), self._transport.get(remote.url, headers, self._source.credential) as reply:
             if reply.status == 200:
                 start = 0  # no range support, or If-Range saw a new version: the whole file, from byte 0
@@ -257,8 +293,11 @@ class Transfer:
             self._receive(reply.chunks(), start, remote.size, None)
 
     def _ranged(self, remote: Remote) -> None:
+        """Fetch the gaps as ranges: one connection first; when it moves less than `parallel_below_bps` after
+        `warmup_s`, the other connections join (a fast link is not made slower by parallelism, a shaped or
+        far one gets every connection)."""
         if os.fstat(self._partial.fd).st_size < remote.size:
-            os.posix_fallocate(self._partial.fd, 0, remote.size)
+            os.posix_fallocate(self._partial.fd, 0, remote.size)  # reserves the space: no ENOSPC mid-way
         pieces = deque(split(self._partial.missing(remote.size), self._config.chunk_bytes))
         stop = threading.Event()
         errors: list[BaseException] = []
@@ -275,17 +314,26 @@ class Transfer:
                     errors.append(exc)
                     stop.set()
 
-        workers = [
-            threading.Thread(target=worker, name="emp-pull-range", daemon=True)
-            for _ in range(min(self._config.connections, len(pieces)))
-        ]
+        workers = [threading.Thread(target=worker, name="emp-pull-range", daemon=True)]
+        workers[0].start()
+        started, base = self._monotonic(), self._partial.covered()
+        ramped = self._config.connections <= 1
+        while any(thread.is_alive() for thread in workers):
+            if self._cancel.wait(0.05):
+                stop.set()
+            elapsed = self._monotonic() - started
+            if not ramped and pieces and not stop.is_set() and elapsed >= self._config.warmup_s:
+                ramped = True
+                rate = (self._partial.covered() - base) / elapsed if elapsed > 0 else 0.0
+                if rate < self._config.parallel_below_bps:
+                    extra = min(self._config.connections - 1, len(pieces))
+                    workers += [
+                        threading.Thread(target=worker, name="emp-pull-range", daemon=True) for _ in range(extra)
+                    ]
+                    for thread in workers[1:]:
+                        thread.start()
         for thread in workers:
-            thread.start()
-        for thread in workers:
-            while thread.is_alive():
-                thread.join(0.2)
-                if self._cancel.is_set():
-                    stop.set()
+            thread.join()
         self._check_cancel()
         if errors:
             fatal = [e for e in errors if not isinstance(e, TransientPullError)]
@@ -306,19 +354,31 @@ class Transfer:
             self._receive(reply.chunks(), first, end, stop)
 
     def _receive(self, chunks: Iterator[bytes], offset: int, end: int, stop: threading.Event | None) -> None:
-        for chunk in chunks:
-            if stop is not None and stop.is_set():
-                return
-            self._check_cancel()
-            if self._monotonic() - self._started > self._config.deadline_s:
-                raise ModelPullError(f"{self._source.shown}: not done within {self._config.deadline_s:.0f} s")
-            if offset + len(chunk) > end:
-                raise RemoteChanged(f"{self._source.shown}: the server sent more bytes than announced")
-            self._partial.write(offset, chunk)
-            offset += len(chunk)
-            self._on_bytes(len(chunk))
+        """Write chunks from `offset` on; bookkeeping (ranges, progress, cancel and deadline checks) once per
+        RECORD_STEP bytes, which keeps the per-chunk path to one pwrite (and the GIL free for the hasher)."""
+        recorded = offset
+        try:
+            for chunk in chunks:
+                if offset + len(chunk) > end:
+                    raise RemoteChanged(f"{self._source.shown}: the server sent more bytes than announced")
+                offset += self._partial.write(offset, chunk)
+                if offset - recorded >= RECORD_STEP:
+                    self._record(recorded, offset)
+                    recorded = offset
+                    if stop is not None and stop.is_set():
+                        return
+        finally:
+            self._record(recorded, offset)
         if offset < end:
             raise TransientPullError(f"{self._source.shown}: connection closed at byte {offset} of {end}")
+
+    def _record(self, start: int, end: int) -> None:
+        if end > start:
+            self._partial.record(start, end)
+            self._on_bytes(end - start)
+        self._check_cancel()
+        if self._monotonic() - self._started > self._config.deadline_s:
+            raise ModelPullError(f"{self._source.shown}: not done within {self._config.deadline_s:.0f} s")
 
     def _check_etag(self, etag: str | None, remote: Remote) -> None:
         if remote.validator.etag and etag and etag != remote.validator.etag:

@@ -30,8 +30,16 @@ MIB = 1024 * 1024
 SMALL = os.urandom(3 * MIB + 17)
 BIG = os.urandom(8 * MIB + 5)
 #: Small pieces so that a few MiB exercise the ranged path; retries without waiting.
-RANGED = TransferConfig(connections=4, chunk_bytes=MIB, ranged_min_bytes=2 * MIB, attempts=3, retry_wait_s=0)
-SINGLE = replace(RANGED, connections=1)
+RANGED = TransferConfig(
+    connections=4,
+    chunk_bytes=MIB,
+    ranged_min_bytes=2 * MIB,
+    attempts=3,
+    retry_wait_s=0,
+    parallel_below_bps=float("inf"),  # every connection at once
+    warmup_s=0,
+)
+SINGLE = replace(RANGED, ranged_min_bytes=64 * MIB)
 
 
 def sha(data: bytes) -> str:
@@ -119,6 +127,22 @@ def test_ranged_download_uses_parallel_validated_ranges(tmp_path: Path, server: 
     assert {206} == {r.status for r in data}
     assert {server.etag("big.bin")} == {r.headers.get("If-Range") for r in data}
     assert len(BIG) == sum(r.sent for r in data)
+
+
+@pytest.mark.parametrize(("rate", "expect_parallel"), [(4 * MIB, True), (None, False)], ids=["shaped", "fast"])
+def test_one_connection_first_and_the_others_only_when_it_is_slow(
+    tmp_path: Path, server: FileServer, rate: float | None, expect_parallel: bool
+) -> None:
+    """A shaped link (4 MiB/s per connection, below the 10 MB/s threshold) gets every connection after the warm-up;
+    a fast one keeps its single connection."""
+    if rate:
+        server.rate["big.bin"] = rate
+    transfer = replace(RANGED, parallel_below_bps=10e6 if rate else 1.0, warmup_s=0.3)
+
+    assert "pulled" == pull(tmp_path, {"m": spec(server, "big.bin", BIG)}, transfer)["m"].state
+
+    assert expect_parallel == (server.max_active > 1)
+    assert BIG == placed(tmp_path)
 
 
 def test_sha_mismatch_places_nothing_and_keeps_no_partial(tmp_path: Path, server: FileServer) -> None:
