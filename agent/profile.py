@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import string
@@ -414,6 +415,15 @@ def _service_graph_problems(merged: dict[str, Any], origin: dict[tuple[str, ...]
     def report(loc: tuple[str, ...], message: str) -> None:
         problems.append(Problem(_source_of(loc, origin, default), ".".join(loc), message))
 
+    models = merged.get("models")
+    dests: dict[str, tuple[str, object]] = {}
+    for name, model in models.items() if isinstance(models, dict) else []:
+        dest = model.get("dest") if isinstance(model, dict) else None
+        if isinstance(dest, str):
+            key = os.path.normpath(dest)
+            if key in dests and dests[key][1] != model.get("sha256"):
+                report(("models", name, "dest"), f"same destination as models.{dests[key][0]} with another sha256")
+            dests.setdefault(key, (name, model.get("sha256")))
     for table in ("prepare", "models"):
         entries = merged.get(table)
         for name in entries if isinstance(entries, dict) else []:

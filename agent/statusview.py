@@ -77,7 +77,10 @@ def render_status(status: dict[str, Any], colour: bool = False) -> str:
     stage_states = []
     for stage in status["stages"]:
         took = f"{stage['duration_s']:.2f}s" if stage["duration_s"] is not None else "-"
-        stage_rows.append([stage["name"], stage["state"], took, stage["error"] or stage["detail"] or ""])
+        detail = stage["error"] or stage["detail"] or ""
+        if stage["name"] == "pull_models" and stage["state"] == "running" and status.get("pull"):
+            detail = format_pull(status["pull"])
+        stage_rows.append([stage["name"], stage["state"], took, detail])
         stage_states.append(stage["state"])
     lines += _table(stage_rows, stage_states, 1, colour)
     lines.append("")
@@ -111,6 +114,18 @@ def render_status(status: dict[str, Any], colour: bool = False) -> str:
             size = f"{m['size']}" if m["size"] is not None else "-"
             dest = m["dest"] + (f"  ({m['error']})" if m.get("error") else "")
             model_rows.append([m["name"], m["state"], size, dest])
-            model_states.append({"verified": "done", "pulled": "done"}.get(m["state"], "failed"))
+            model_states.append({"verified": "done", "pulled": "done", "cached": "done"}.get(m["state"], "failed"))
         lines += _table(model_rows, model_states, 1, colour)
     return "\n".join(lines)
+
+
+def format_pull(pull: dict[str, Any]) -> str:
+    """`1.2/4.0 GiB (30%) at 310 MB/s, 1/3 files` for a pull in progress."""
+    gib = 1024**3
+    total = pull["bytes_total"]
+    share = f" ({100 * pull['bytes_done'] / total:.0f}%)" if total else ""
+    failed = f", {pull['items_failed']} failed" if pull.get("items_failed") else ""
+    return (
+        f"{pull['bytes_done'] / gib:.1f}/{total / gib:.1f} GiB{share} at {pull['rate_bps'] / 1e6:.0f} MB/s, "
+        f"{pull['items_done']}/{pull['items_total']} files{failed}"
+    )

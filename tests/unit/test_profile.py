@@ -136,6 +136,18 @@ def test_model_destination_stays_inside_the_model_root(tmp_path: Path, dest: str
         load_profile("p", tmp_path)
 
 
+def test_two_models_at_one_destination_with_different_hashes_are_refused(tmp_path: Path) -> None:
+    """Two entries that would fight over one path are a configuration error, named by file and field."""
+    entry = '[models.{n}]\nurl = "https://example.invalid/{n}"\ndest = "{d}"\nsha256 = "{h}"\n'
+    text = entry.format(n="a", d="loras/x.bin", h="a" * 64) + entry.format(n="b", d="loras/./x.bin", h="b" * 64)
+    path = write(tmp_path, "p.toml", text)
+
+    with pytest.raises(ConfigError) as caught:
+        load_profile("p", tmp_path)
+
+    assert f"{path}: models.b.dest: same destination as models.a with another sha256" == str(caught.value)
+
+
 def test_relative_file_sources_resolve_against_their_own_file(tmp_path: Path) -> None:
     """`file:` paths are relative to the profile that names them, not to the current directory."""
     (tmp_path / "sub").mkdir()

@@ -57,3 +57,24 @@ def test_no_colour_codes_unless_asked() -> None:
 def test_durations_are_compact() -> None:
     """Uptime reads like pm2's."""
     assert ["-", "59s", "1m01s", "1h01m", "1d01h"] == [format_duration(s) for s in (None, 59, 61, 3660, 90000)]
+
+
+def test_a_running_pull_shows_bytes_rate_and_files() -> None:
+    """While pull_models runs, its stage line carries bytes done/total, the rate and the file count."""
+    status = {
+        **STATUS,
+        "stages": [{"name": "pull_models", "state": "running", "duration_s": None, "detail": None, "error": None}],
+        "pull": {
+            "bytes_done": 3 * 1024**3,
+            "bytes_total": 4 * 1024**3,
+            "rate_bps": 310e6,
+            "items_done": 1,
+            "items_failed": 0,
+            "items_total": 3,
+            "finished": False,
+        },
+    }
+
+    line = next(x for x in render_status(status).splitlines() if x.startswith("pull_models"))
+
+    assert "3.0/4.0 GiB (75%) at 310 MB/s, 1/3 files" in line
