@@ -329,7 +329,7 @@ class Agent:
         models = [
             {"name": m.name, "dest": m.dest, "sha256": m.sha256, "size": m.size}
             for m in (ctx.model_status.values() if ctx else [])
-            if m.state in ("verified", "pulled")
+            if m.in_place
         ]
         return {
             "agent_version": __version__,

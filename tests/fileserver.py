@@ -24,6 +24,7 @@ class Served:
     headers: dict[str, str]
     status: int = 0
     first: int = 0
+    at: float = field(default_factory=time.monotonic)
     sent: int = 0
 
     @property
@@ -38,7 +39,7 @@ class FileServer:
 
     Misbehaviours, per file name: `drop_at[name] = n` closes the connection once the body reaches absolute offset
     n (once per entry in the list); `ignore_range` answers every request with 200 and the whole body; `redirect[name]
-    = url` answers 302; `status[name]` forces a code; `content_type` / `content_disposition` add headers;
+    = url` answers 302; `status[name]` forces a code; `status_once[name]` is a list of (code, headers) answered first, once each; `content_type` / `content_disposition` add headers;
     `pause_at[name] = (offset, event)` stops sending at that offset until the event is set; `rate[name]` trickles
     the body at that many bytes per second; `hold[name] = (n, reached, release)` makes the n-th data request
     (0-based, probes not counted) set `reached` and wait for `release` before it looks at the file.
@@ -50,6 +51,7 @@ class FileServer:
     ignore_range: set[str] = field(default_factory=set)
     redirect: dict[str, str] = field(default_factory=dict)
     status: dict[str, int] = field(default_factory=dict)
+    status_once: dict[str, list[tuple[int, dict[str, str]]]] = field(default_factory=dict)
     content_type: dict[str, str] = field(default_factory=dict)
     content_disposition: dict[str, str] = field(default_factory=dict)
     pause_at: dict[str, tuple[int, threading.Event]] = field(default_factory=dict)
@@ -87,6 +89,10 @@ class FileServer:
                     return
                 if name in server.status:
                     self._head(server.status[name], 0, {}, served)
+                    return
+                if server.status_once.get(name):
+                    code, extra = server.status_once[name].pop(0)
+                    self._head(code, 0, extra, served)
                     return
                 held = server.hold.get(name)
                 if held is not None and len(server.data_requests(name)) == held[0] + 1 and served.range != "bytes=0-0":

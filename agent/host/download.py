@@ -27,7 +27,11 @@ _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
 
 class TransientPullError(ModelPullError):
-    """A failure worth retrying (connection reset, stall, 5xx, 429, 408)."""
+    """A failure worth retrying (connection reset, stall, 5xx, 429, 408); `retry_after_s` from the server."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class RemoteChanged(TransientPullError):
@@ -171,11 +175,16 @@ class HttpTransport:
             raise ModelPullError(f"{shown}: {type(exc).__name__}") from None
 
 
-def http_error(url: str, status: int) -> ModelPullError:
-    """The error for an unexpected status: retryable for 408, 425, 429 and 5xx."""
+def http_error(reply: Reply) -> ModelPullError:
+    """The error for an unexpected status: retryable for 408, 425, 429 and 5xx (honouring Retry-After)."""
+    status = reply.status
     hint = {401: " (missing or wrong token?)", 403: " (forbidden: token, gated model or expired link?)"}.get(status, "")
-    retry = status in (408, 425, 429) or status >= 500
-    return (TransientPullError if retry else ModelPullError)(f"{redact_source(url)}: HTTP {status}{hint}")
+    message = f"{redact_source(reply.url)}: HTTP {status}{hint}"
+    if status in (408, 425, 429) or status >= 500:
+        retry_after = reply.header("retry-after")
+        seconds = float(retry_after) if retry_after and retry_after.strip().isdigit() else None
+        return TransientPullError(message, retry_after_s=seconds)
+    return ModelPullError(message)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -74,6 +74,11 @@ class ModelStatus:
     bytes_fetched: int = 0
     error: str | None = None
 
+    @property
+    def in_place(self) -> bool:
+        """True when the destination holds the verified file."""
+        return self.state in ("verified", "cached", "pulled")
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready form."""
         return asdict(self)

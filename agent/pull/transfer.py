@@ -25,6 +25,8 @@ from agent.pull.source import Source
 HASH_CHUNK = 4 * 1024 * 1024
 #: The hasher flushes the part file to disk every this many bytes, off the receiving thread.
 SYNC_STEP = 256 * 1024 * 1024
+#: The longest Retry-After honoured.
+RETRY_AFTER_CAP_S = 300.0
 #: Received bytes are recorded (resume point, progress, hasher wake-up) once per this many bytes.
 RECORD_STEP = 1024 * 1024
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
@@ -109,7 +111,7 @@ def probe(transport: Transport, source: Source, limits: ConnectionLimits, expect
                 length = str(expected)
             size, ranges = int(length), False
         else:
-            raise http_error(source.url, reply.status)
+            raise http_error(reply)
         etag = reply.header("etag")
         strong = etag if etag and not etag.startswith("W/") else None
         validator = Validator(size, strong, None if strong else reply.header("last-modified"))
@@ -219,6 +221,7 @@ class Transfer:
         self._on_retry = on_retry
         self._monotonic = monotonic
         self._started = monotonic()
+        self._backoff = wait_exponential_jitter(multiplier=config.retry_wait_s, max=30, jitter=config.retry_wait_s)
         self._failures = 0
         self._covered_at_failure = -1
         self.resumed_bytes = 0
@@ -229,7 +232,7 @@ class Transfer:
         with Hasher(self._partial) as hasher, Flusher(self._partial):
             retrying = Retrying(
                 stop=self._should_stop,
-                wait=wait_exponential_jitter(multiplier=self._config.retry_wait_s, max=30),
+                wait=self._wait,
                 retry=retry_if_exception_type(TransientPullError),
                 sleep=self._sleep,
                 before_sleep=self._before_sleep,
@@ -289,7 +292,7 @@ class Transfer:
                     )
                 self._check_etag(reply.header("etag"), remote)
             else:
-                raise http_error(remote.url, reply.status)
+                raise http_error(reply)
             self._receive(reply.chunks(), start, remote.size, None)
 
     def _ranged(self, remote: Remote) -> None:
@@ -347,7 +350,7 @@ class Transfer:
             if reply.status == 200:
                 raise RemoteChanged(f"{self._source.shown}: the remote file changed (If-Range sent the whole file)")
             if reply.status != 206:
-                raise http_error(remote.url, reply.status)
+                raise http_error(reply)
             if reply.content_range() != (first, end - 1, remote.size):
                 raise TransientPullError(f"{self._source.shown}: wrong Content-Range {reply.header('content-range')}")
             self._check_etag(reply.header("etag"), remote)
@@ -409,6 +412,13 @@ class Transfer:
         self._failures = 1 if covered > self._covered_at_failure else self._failures + 1
         self._covered_at_failure = covered
         return self._failures >= self._config.attempts or self._monotonic() - self._started > self._config.deadline_s
+
+    def _wait(self, state: RetryCallState) -> float:
+        """Exponential with jitter; at least what the server asked for in Retry-After (capped at 5 minutes)."""
+        backoff = self._backoff(state)
+        exc = state.outcome.exception() if state.outcome else None
+        asked = getattr(exc, "retry_after_s", None)
+        return max(backoff, min(float(asked), RETRY_AFTER_CAP_S)) if asked is not None else backoff
 
     def _before_sleep(self, state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None

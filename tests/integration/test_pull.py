@@ -170,6 +170,17 @@ def test_http_error_is_reported_without_the_query_string(tmp_path: Path, server:
     assert f"{server.url}/small.bin?***: HTTP 403 (forbidden" in str(result["m"].error)
 
 
+def test_busy_server_is_retried_after_the_time_it_asks_for(tmp_path: Path, server: FileServer) -> None:
+    """429 and 503 are retried; a Retry-After of 1 s is waited for even though the backoff would retry at once."""
+    server.status_once["small.bin"] = [(503, {"Retry-After": "1"}), (429, {})]
+
+    result = pull(tmp_path, {"m": spec(server, "small.bin", SMALL)})
+
+    assert "pulled" == result["m"].state
+    assert [503, 429, 206] == [r.status for r in server.requests[:3]]
+    assert server.requests[1].at - server.requests[0].at >= 1.0
+
+
 def test_web_page_instead_of_a_model_is_refused(tmp_path: Path, server: FileServer) -> None:
     """A login page served with 200 is reported as such and never saved as the model."""
     server.content_type["small.bin"] = "text/html; charset=utf-8"
