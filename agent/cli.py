@@ -179,10 +179,15 @@ def _load(args: argparse.Namespace, need_profile: bool) -> tuple[Settings, Profi
 
 
 def _check(args: argparse.Namespace) -> int:
+    import os
+
     _settings, profile = _load(args, need_profile=False)
     if profile is None:
         print("ok: settings valid (no profile given)")
         return EXIT_OK
+    for name, model in profile.models.items():
+        if model.auth_env and not os.environ.get(model.auth_env):
+            print(f"warning: models.{name}.auth_env: {model.auth_env} is not set in this environment", file=sys.stderr)
     print(
         f"ok: settings valid; profile {profile.name} ({profile.source}): {len(profile.services)} service(s), "
         f"{len(profile.models)} model(s), {len(profile.prepare)} prepare step(s)"
@@ -245,16 +250,19 @@ def _pull(args: argparse.Namespace) -> int:
 
     settings, profile = _load(args, need_profile=True)
     assert profile is not None  # _load raised otherwise
-    configure_logging(settings.log_level, settings.log_format.value, _masker(settings, profile))
+    drawing = sys.stderr.isatty()
+    # With the bar on the terminal, only warnings and errors are logged there (progress lines would tear it).
+    level = "warning" if drawing and settings.log_level in ("debug", "info") else settings.log_level
+    configure_logging(level, settings.log_format.value, _masker(settings, profile))
     puller, transport = open_puller(settings, os.environ)
     finished = threading.Event()
     drawer = None
-    if sys.stderr.isatty():
+    if drawing:
 
         def draw() -> None:
             while not finished.wait(0.5):
                 if puller.progress.planned_yet:
-                    print("\r" + bar(puller.progress.snapshot()), end="", file=sys.stderr, flush=True)
+                    print("\r\033[K" + bar(puller.progress.snapshot()), end="", file=sys.stderr, flush=True)
 
         drawer = threading.Thread(target=draw, daemon=True)
         drawer.start()

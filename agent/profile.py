@@ -286,6 +286,11 @@ def load_profile(ref: str, profiles_dir: Path) -> Profile:
     if problems:
         raise ConfigError(problems)
     merged.pop("extends", None)
+    for key in ("name", "source"):
+        if key in merged:
+            problems.append(
+                Problem(origin.get((key,), str(path)), key, "unknown field (a profile is named by its file)")
+            )
     merged["name"] = path.stem
     merged["source"] = str(path)
     problems.extend(_missing_files(merged, origin, str(path)))

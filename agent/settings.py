@@ -72,8 +72,8 @@ class Settings(BaseSettings):
     pull_attempts: int = Field(default=8, ge=1, le=100, description="Failures in a row without progress, per file.")
     pull_retry_wait_s: float = Field(default=1.0, ge=0, le=300, description="First wait between retries.")
     pull_disk_margin_mib: int = Field(default=1024, ge=0, description="Free space kept beyond what a pull needs.")
-    hf_endpoint: str = Field(default="https://huggingface.co", pattern=r"^https?://[^/?#]+/?$")
-    civitai_endpoint: str = Field(default="https://civitai.com", pattern=r"^https?://[^/?#]+/?$")
+    hf_endpoint: str = Field(default="https://huggingface.co", pattern=r"^https?://[^/?#]+(/[^?#]*)?$")
+    civitai_endpoint: str = Field(default="https://civitai.com", pattern=r"^https?://[^/?#]+(/[^?#]*)?$")
     log_level: str = Field(default="info", pattern=r"^(debug|info|warning|error)$")
     log_format: LogFormat = Field(default=LogFormat.AUTO, description="auto: console on a terminal, else JSON.")
 

@@ -120,12 +120,12 @@ def render_status(status: dict[str, Any], colour: bool = False) -> str:
 
 
 def format_pull(pull: dict[str, Any]) -> str:
-    """`1.2/4.0 GiB (30%) at 310 MB/s, 1/3 files` for a pull in progress."""
-    gib = 1024**3
+    """`1.2/4.0 GiB (30%) at 310 MB/s, 1/3 files` for a pull in progress (MiB below 1 GiB)."""
     total = pull["bytes_total"]
+    unit, scale = ("GiB", 1024**3) if total >= 1024**3 else ("MiB", 1024**2)
     share = f" ({100 * pull['bytes_done'] / total:.0f}%)" if total else ""
     failed = f", {pull['items_failed']} failed" if pull.get("items_failed") else ""
     return (
-        f"{pull['bytes_done'] / gib:.1f}/{total / gib:.1f} GiB{share} at {pull['rate_bps'] / 1e6:.0f} MB/s, "
+        f"{pull['bytes_done'] / scale:.1f}/{total / scale:.1f} {unit}{share} at {pull['rate_bps'] / 1e6:.0f} MB/s, "
         f"{pull['items_done']}/{pull['items_total']} files{failed}"
     )

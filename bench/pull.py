@@ -114,7 +114,7 @@ def run_aria2(url: str, out: Path, digest: str, size: int) -> float:
 def run_agent(url: str, out: Path, digest: str, size: int) -> float:
     profile = out.parent / "bench.toml"
     profile.write_text(
-        f'name = "bench"\n[models.big]\nurl = "{url}"\ndest = "checkpoints/big.bin"\n'
+        f'[models.big]\nurl = "{url}"\ndest = "checkpoints/big.bin"\n'
         f'sha256 = "{digest}"\nsize = {size}\n'
     )
     env = {

@@ -10,6 +10,8 @@ from typing import Any
 
 import structlog
 
+from agent.statusview import format_pull
+
 log = structlog.get_logger(__name__)
 EventSink = Callable[[dict[str, Any]], None]
 #: Progress events per item at most this often (plus every 10 %).
@@ -104,19 +106,13 @@ class PullProgress:
         return round(self._fetched / elapsed) if elapsed > 0 else 0
 
     def _emit(self, name: str, **fields: Any) -> None:
-        log.info(name, **fields)
+        (log.warning if name in ("model.failed", "model.retry") else log.info)(name, **fields)
         if self._sink is not None:
             self._sink({"type": "model", "event": name, **fields})
 
 
 def bar(snapshot: dict[str, Any], width: int = 30) -> str:
-    """One terminal line: `[#####.....]  1.2/4.0 GiB  30%  310 MB/s  1/3 files`."""
-    total = snapshot["bytes_total"] or 1
-    fraction = min(1.0, snapshot["bytes_done"] / total)
+    """One terminal line: `[#########.....................] 1.2/4.0 GiB (30%) at 310 MB/s, 1/3 files`."""
+    fraction = min(1.0, snapshot["bytes_done"] / snapshot["bytes_total"]) if snapshot["bytes_total"] else 1.0
     filled = int(width * fraction)
-    done, whole = snapshot["bytes_done"] / 1024**3, snapshot["bytes_total"] / 1024**3
-    return (
-        f"[{'#' * filled}{'.' * (width - filled)}] {done:.1f}/{whole:.1f} GiB {fraction:4.0%}  "
-        f"{snapshot['rate_bps'] / 1e6:.0f} MB/s  "
-        f"{snapshot['items_done']}/{snapshot['items_total']} files"
-    )
+    return f"[{'#' * filled}{'.' * (width - filled)}] {format_pull(snapshot)}"

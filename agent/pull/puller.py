@@ -22,6 +22,7 @@ from agent.pull.progress import EventSink, PullProgress
 from agent.pull.source import Endpoints, Source, resolve
 from agent.pull.store import ModelStore
 from agent.pull.transfer import ConnectionLimits, Transfer, TransferConfig, probe
+from agent.redact import redact_source
 from agent.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -90,10 +91,11 @@ class PlanItem:
 
     name: str
     spec: ModelSpec
-    source: Source
-    action: str  # "present", "cached", "fetch"
+    source: Source | None
+    action: str  # "present", "cached", "fetch", "failed"
     size: int | None = None
     have: int = 0
+    error: str | None = None
 
 
 class ModelPuller:
@@ -123,16 +125,15 @@ class ModelPuller:
         self._cancel.set()
 
     def plan(self, models: Mapping[str, ModelSpec]) -> list[PlanItem]:
-        """Resolve every item and decide what to do with it; fails, before any model byte moves, when a source is
-        unusable or the disk cannot hold the plan."""
-        items, problems = [], []
+        """Resolve every item and decide what to do with it, before any model byte moves. An unusable item (a 404,
+        an unset token variable) is planned as failed; a disk that cannot hold the plan fails the whole pull."""
+        items = []
         for name, spec in models.items():
             try:
                 items.append(self._plan_item(name, spec))
-            except ModelPullError as exc:
-                problems.append(f"{name}: {exc}")
-        if problems:
-            raise ModelPullError("; ".join(problems))
+            except ModelPullError as exc:  # this item fails; the others are still fetched
+                items.append(PlanItem(name, spec, None, "failed", error=str(exc)))
+                self.progress.ended(name, "failed", dest=spec.dest, error=str(exc))
         fetch = [i for i in items if i.action == "fetch"]
         needed = sum((i.size or 0) - i.have for i in fetch)
         free = shutil.disk_usage(existing_ancestor(self.store.root)).free
@@ -200,8 +201,12 @@ class ModelPuller:
 
     def _pull_one(self, item: PlanItem) -> ModelStatus:
         spec = item.spec
-        status = ModelStatus(item.name, spec.dest, spec.sha256, spec.size, "verified", item.source.shown)
+        shown = item.source.shown if item.source else redact_source(spec.url)
+        status = ModelStatus(item.name, spec.dest, spec.sha256, spec.size, "verified", shown)
         if item.action == "present":
+            return status
+        if item.source is None:
+            status.state, status.error = "failed", item.error
             return status
         started = self._monotonic()
         try:
@@ -212,7 +217,7 @@ class ModelPuller:
                     self.store.publish(spec.sha256, spec.dest)
                     status.state = "cached"
                 else:
-                    status.bytes_fetched = self._fetch(item)
+                    status.bytes_fetched = self._fetch(item, item.source)
                     self.store.publish(spec.sha256, spec.dest)
                     status.state = "pulled"
         except ModelPullError as exc:
@@ -226,15 +231,15 @@ class ModelPuller:
             self.progress.ended(item.name, status.state, dest=spec.dest, duration_s=status.duration_s, **fields)
         return status
 
-    def _fetch(self, item: PlanItem) -> int:
+    def _fetch(self, item: PlanItem, source: Source) -> int:
         """Download into the partial, verify, ingest into the cache; the bytes that moved."""
         spec = item.spec
         for fresh_retry in (False, True):
-            partial = Partial(self.store.partial_dir, spec.sha256, item.source.shown, self._monotonic)
+            partial = Partial(self.store.partial_dir, spec.sha256, source.shown, self._monotonic)
             counter = _Counter(item.name, self.progress)
             transfer = Transfer(
                 self._transport,
-                item.source,
+                source,
                 partial,
                 self._limits,
                 self._config.transfer,
@@ -244,7 +249,7 @@ class ModelPuller:
                 counter.retry,
                 self._monotonic,
             )
-            self.progress.started(item.name, item.source.shown, partial.covered())
+            self.progress.started(item.name, source.shown, partial.covered())
             try:
                 digest = transfer.run()
             finally:
@@ -258,7 +263,7 @@ class ModelPuller:
                 log.warning("verification failed after a resume; downloading once more from byte 0", model=item.name)
                 continue
             raise ModelPullError(
-                f"{item.source.shown}: sha256 mismatch: expected {spec.sha256}, got {digest} "
+                f"{source.shown}: sha256 mismatch: expected {spec.sha256}, got {digest} "
                 f"({transfer.size} bytes); nothing was placed"
             )
         raise AssertionError("unreachable")

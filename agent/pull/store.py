@@ -54,16 +54,29 @@ class ModelStore:
         return path
 
     def has_object(self, sha256: str, size: int | None) -> bool:
-        """True when the cache holds this object (verified when it was ingested)."""
+        """True when the cache holds this object intact: unchanged since it was verified (size, mtime and inode
+        as the index recorded them), or hashing right once. A corrupted object is removed."""
+        path = self.object_path(sha256)
         try:
-            stat = self.object_path(sha256).stat()
+            stat = path.stat()
         except FileNotFoundError:
             return False
-        return size is None or stat.st_size == size
+        if size is not None and stat.st_size != size:
+            path.unlink(missing_ok=True)
+            return False
+        if self._unchanged(_object_key(sha256), stat) == sha256:
+            return True
+        digest = hash_file(path)
+        if digest != sha256:
+            path.unlink(missing_ok=True)  # someone wrote into the cache (or the disk lost data): fetch again
+            return False
+        self.remember_path(_object_key(sha256), path, sha256)
+        return True
 
     def is_placed(self, dest: str, sha256: str, size: int | None) -> bool:
-        """True when the destination holds exactly this file: the cache object itself, a file the index knows
-        unchanged, or (once) a file that hashes right."""
+        """True when the destination holds exactly this file: unchanged since it was verified (size, mtime and
+        inode as the index recorded them), or hashing right once. Sharing the object's inode proves nothing by
+        itself: writing into either changes both."""
         path = self.root / dest
         try:
             stat = path.lstat()
@@ -71,20 +84,24 @@ class ModelStore:
             return False
         if not path.is_file() or path.is_symlink() or (size is not None and stat.st_size != size):
             return False
-        with contextlib.suppress(FileNotFoundError):
-            obj = self.object_path(sha256).stat()
-            if (obj.st_dev, obj.st_ino) == (stat.st_dev, stat.st_ino):
-                return True
-        known = self._read_index().get(dest)
+        known = self._unchanged(dest, stat)
+        if known is not None:
+            return known == sha256
+        digest = hash_file(path)
+        self.remember(dest, digest)
+        return digest == sha256
+
+    def _unchanged(self, key: str, stat: os.stat_result) -> str | None:
+        """The sha256 the index recorded for `key` when the file still looks exactly as it did then."""
+        known = self._read_index().get(key)
         if isinstance(known, dict) and [known.get(k) for k in ("size", "mtime_ns", "ino")] == [
             stat.st_size,
             stat.st_mtime_ns,
             stat.st_ino,
         ]:
-            return bool(known.get("sha256") == sha256)
-        digest = hash_file(path)
-        self.remember(dest, digest)
-        return digest == sha256
+            digest = known.get("sha256")
+            return digest if isinstance(digest, str) else None
+        return None
 
     @contextlib.contextmanager
     def lock(self, sha256: str, wait: Callable[[float], bool] | None = None) -> Iterator[None]:
@@ -119,6 +136,7 @@ class ModelStore:
         os.chmod(part, 0o444)
         os.replace(part, target)
         fsync_dir(target.parent)
+        self.remember_path(_object_key(sha256), target, sha256)
         return target
 
     def publish(self, sha256: str, dest: str) -> None:
@@ -144,9 +162,13 @@ class ModelStore:
         self.remember(dest, sha256)
 
     def remember(self, dest: str, sha256: str) -> None:
-        """Record that `dest` (as it is now on disk) holds `sha256`; merged under a lock with other writers."""
+        """Record that `dest` (as it is now on disk) holds `sha256`."""
+        self.remember_path(dest, self.root / dest, sha256)
+
+    def remember_path(self, key: str, path: Path, sha256: str) -> None:
+        """Record size, mtime and inode of `path` under `key`; merged under a lock with other writers."""
         try:
-            stat = (self.root / dest).stat()
+            stat = path.stat()
         except FileNotFoundError:
             return
         self._index_path.parent.mkdir(parents=True, exist_ok=True)
@@ -154,7 +176,7 @@ class ModelStore:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             index = self._read_index()
-            index[dest] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "ino": stat.st_ino, "sha256": sha256}
+            index[key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "ino": stat.st_ino, "sha256": sha256}
             write_json_atomic(self._index_path, index)
         finally:
             os.close(fd)
@@ -190,3 +212,8 @@ def _copy_exclusive(source: Path, target: Path) -> None:
             shutil.copyfileobj(src, dst, HASH_CHUNK)
             dst.flush()
             os.fsync(dst.fileno())
+
+
+def _object_key(sha256: str) -> str:
+    """The index key of a cache object (destinations are keyed by their relative path, which never starts so)."""
+    return f"{CACHE_DIR}/objects/{sha256}"

@@ -104,6 +104,45 @@ def test_pull_verifies_publishes_and_then_skips(tmp_path: Path, server: FileServ
     assert [] == partial_sidecars(tmp_path / "models")
 
 
+@pytest.mark.parametrize("damage", ["rewrite", "truncate"])
+def test_a_placed_file_changed_on_disk_is_detected_and_fetched_again(
+    tmp_path: Path, server: FileServer, damage: str
+) -> None:
+    """Bytes rewritten in place or a truncation (through the destination, which shares its inode with the cache
+    object) are noticed by the next pull: the damaged object is dropped and the file downloaded and verified again,
+    also at a second destination linked to the same object."""
+    m = ModelSpec(url=f"{server.url}/small.bin", dest="checkpoints/m.safetensors", sha256=sha(SMALL))  # no size
+    twin = m.model_copy(update={"dest": "loras/twin.safetensors"})
+    pull(tmp_path, {"m": m, "twin": twin})
+    dest = tmp_path / "models" / m.dest
+    with dest.open("r+b") as handle:
+        if damage == "rewrite":
+            handle.seek(1000)
+            handle.write(b"garbage!")
+        else:
+            handle.truncate(1000)
+
+    result = pull(tmp_path, {"m": m, "twin": twin})
+
+    assert {"m": "pulled", "twin": "cached"} == {k: v.state for k, v in result.items()}
+    assert SMALL == placed(tmp_path) == placed(tmp_path, "loras/twin.safetensors")
+
+
+def test_one_unusable_entry_does_not_stop_the_others(tmp_path: Path, server: FileServer) -> None:
+    """A 404 found while planning, or an unset token variable, fails that entry only; the rest are pulled."""
+    models = {
+        "gone": ModelSpec(url=f"{server.url}/nope.bin", dest="a.bin", sha256=sha(b"x")),
+        "locked": spec(server, "big.bin", BIG, dest="b.bin", auth_env="UNSET_TOKEN"),
+        "good": spec(server, "small.bin", SMALL),
+    }
+
+    result = pull(tmp_path, models)
+
+    assert {"gone": "failed", "locked": "failed", "good": "pulled"} == {k: v.state for k, v in result.items()}
+    assert f"{server.url}/nope.bin: HTTP 404" == result["gone"].error
+    assert "the token variable UNSET_TOKEN is not set" in str(result["locked"].error)
+
+
 def test_second_destination_of_the_same_file_comes_from_the_cache(tmp_path: Path, server: FileServer) -> None:
     """Two profiles that want the same bytes at two paths download them once."""
     pull(tmp_path, {"a": spec(server, "small.bin", SMALL, dest="loras/a.safetensors")})
@@ -350,9 +389,7 @@ def test_4_two_processes_pulling_the_same_file_download_it_once(tmp_path: Path, 
     server.pause_at["big.bin"] = (MIB, gate)
     profile = tmp_path / "p.toml"
     m = spec(server, "big.bin", BIG)
-    profile.write_text(
-        f'name = "p"\n[models.m]\nurl = "{m.url}"\ndest = "{m.dest}"\nsha256 = "{m.sha256}"\nsize = {m.size}\n'
-    )
+    profile.write_text(f'[models.m]\nurl = "{m.url}"\ndest = "{m.dest}"\nsha256 = "{m.sha256}"\nsize = {m.size}\n')
     procs = [pull_process(tmp_path, profile, f"state-{i}") for i in range(2)]
     logs = [StderrLines(p) for p in procs]
     try:
@@ -460,9 +497,7 @@ def test_8_agent_killed_at_60_percent_resumes_instead_of_starting_over(tmp_path:
     server.pause_at["big.bin"] = (int(len(BIG) * 0.9), gate)  # never finishes before the kill
     profile = tmp_path / "p.toml"
     m = spec(server, "big.bin", BIG)
-    profile.write_text(
-        f'name = "p"\n[models.m]\nurl = "{m.url}"\ndest = "{m.dest}"\nsha256 = "{m.sha256}"\nsize = {m.size}\n'
-    )
+    profile.write_text(f'[models.m]\nurl = "{m.url}"\ndest = "{m.dest}"\nsha256 = "{m.sha256}"\nsize = {m.size}\n')
     proc = pull_process(tmp_path, profile, "state")
     try:
         wait_until(lambda: _covered(tmp_path / "models") >= 0.6 * len(BIG), timeout=60, what="60 % on disk")

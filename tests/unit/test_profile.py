@@ -148,6 +148,16 @@ def test_two_models_at_one_destination_with_different_hashes_are_refused(tmp_pat
     assert f"{path}: models.b.dest: same destination as models.a with another sha256" == str(caught.value)
 
 
+def test_a_name_key_is_refused_because_the_file_names_the_profile(tmp_path: Path) -> None:
+    """`name = ...` would be silently ignored; it is reported instead."""
+    path = write(tmp_path, "p.toml", 'name = "other"\n')
+
+    with pytest.raises(ConfigError) as caught:
+        load_profile("p", tmp_path)
+
+    assert f"{path}: name: unknown field (a profile is named by its file)" == str(caught.value)
+
+
 def test_relative_file_sources_resolve_against_their_own_file(tmp_path: Path) -> None:
     """`file:` paths are relative to the profile that names them, not to the current directory."""
     (tmp_path / "sub").mkdir()

@@ -92,3 +92,14 @@ def test_unencoded_slash_in_the_password_is_reported_without_the_password(monkey
 
     assert "%-encoded" in str(caught.value)
     assert "S3cret" not in str(caught.value)
+
+
+def test_model_endpoints_may_be_mirrors_under_a_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Hugging Face mirror often lives under a path prefix; a query string is still refused."""
+    monkeypatch.setenv("EMP_AGENT_HF_ENDPOINT", "https://mirror.example.com/hf")
+
+    assert "https://mirror.example.com/hf" == load_settings(None).hf_endpoint
+
+    monkeypatch.setenv("EMP_AGENT_HF_ENDPOINT", "https://mirror.example.com/hf?x=1")
+    with pytest.raises(ConfigError, match="EMP_AGENT_HF_ENDPOINT"):
+        load_settings(None)
