@@ -189,27 +189,59 @@ class ServiceSpec(_Frozen):
         return name
 
 
+def parse_huggingface(source: str) -> tuple[str, str, str]:
+    """`hf://[datasets/|spaces/]org/repo/path/in/repo[@revision]` -> (repo id, path, revision). The revision is
+    what follows the last `@` (a branch, tag, commit or `refs/pr/N`); a path containing `@` needs an explicit
+    `@revision`. Raises ValueError with what is wrong."""
+    if not source.startswith("hf://"):
+        raise ValueError("must start with hf://")
+    rest, revision = source[len("hf://") :], "main"
+    if "@" in rest:
+        rest, revision = rest.rsplit("@", 1)
+        if not revision or revision.startswith("/") or revision.endswith("/") or "//" in revision:
+            raise ValueError("the revision after '@' is empty or malformed")
+    parts = rest.split("/")
+    kind = parts.pop(0) + "/" if parts and parts[0] in ("datasets", "spaces") else ""
+    if len(parts) < 3 or any(not p or p in (".", "..") for p in parts) or ":" in parts[0]:
+        raise ValueError("must look like hf://org/repo/path/in/repo[@revision]")
+    return f"{kind}{parts[0]}/{parts[1]}", "/".join(parts[2:]), revision
+
+
+#: The model root's cache directory (objects, partial downloads, locks); no destination may live in it.
+CACHE_DIR = ".emp-cache"
+#: Longest destination file name: the temp link next to it adds 14 bytes to a 255-byte limit.
+MAX_NAME_BYTES = 240
+
+
 class ModelSpec(_Frozen):
     """A model file to place under the model root, pinned by sha256."""
 
     url: str
     dest: str
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    size: int | None = Field(default=None, ge=0)
+    size: int | None = Field(default=None, ge=0, strict=True)
     auth_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     auth_hosts: list[str] = Field(default_factory=list)
 
     @field_validator("url")
     @classmethod
     def _supported_scheme(cls, value: str) -> str:
-        parts = urlsplit(value)
+        try:
+            parts = urlsplit(value)
+            port = parts.port if parts.scheme in {"http", "https"} else None
+        except ValueError as exc:
+            raise ValueError(f"not a valid URL ({exc})") from None
+        if any(c.isspace() or ord(c) < 32 for c in value):
+            raise ValueError("must not contain spaces or control characters (percent-encode them)")
         if parts.scheme not in {"http", "https", "file", "hf", "civitai"}:
             raise ValueError("scheme must be https, http, file, hf or civitai")
         if parts.scheme in {"http", "https"} and not parts.hostname:
             raise ValueError("must name a host")
-        if parts.scheme == "hf" and len([p for p in value[len("hf://") :].split("/") if p]) < 3:
-            raise ValueError("must look like hf://org/repo/path/in/repo[@revision]")
-        if parts.scheme == "civitai" and not (parts.netloc.isdigit() and parts.path in ("", "/")):
+        if port == 0:
+            raise ValueError("port 0 is not a port")
+        if parts.scheme == "hf":
+            parse_huggingface(value)
+        if parts.scheme == "civitai" and not (parts.netloc.isdigit() and parts.path in ("", "/") and not parts.query):
             raise ValueError("must look like civitai://<model version id>")
         return value
 
@@ -229,6 +261,12 @@ class ModelSpec(_Frozen):
             raise ValueError("must be a relative path inside the model root (no '..')")
         if value.endswith("/") or path.name in ("", ".") or "\0" in value:
             raise ValueError("must name a file, e.g. checkpoints/model.safetensors")
+        if any(ord(c) < 32 or c == "\\" for c in value) or any(p != p.strip() for p in path.parts):
+            raise ValueError("must not contain control characters, backslashes or names with outer spaces")
+        if path.parts[0] == CACHE_DIR:
+            raise ValueError(f"{CACHE_DIR}/ is the agent's cache, not a destination")
+        if any(len(p.encode()) > MAX_NAME_BYTES for p in path.parts):
+            raise ValueError(f"a path component longer than {MAX_NAME_BYTES} bytes cannot be placed atomically")
         return value
 
 

@@ -112,6 +112,9 @@ class FileServer:
                 match = _RANGE.match(self.headers.get("Range", ""))
                 if_range = self.headers.get("If-Range")
                 partial = match is not None and name not in server.ignore_range and if_range in (None, etag)
+                if partial and match is not None and int(match.group(1)) >= len(data):
+                    self._head(416, 0, {"Content-Range": f"bytes */{len(data)}"}, served)
+                    return
                 if partial and match is not None:
                     first = int(match.group(1))
                     last = min(int(match.group(2)), len(data) - 1) if match.group(2) else len(data) - 1
@@ -140,7 +143,7 @@ class FileServer:
                 drop = next((d for d in drops if offset < d < end), None)
                 pause = server.pause_at.get(name)
                 rate = server.rate.get(name)
-                piece = 64 * 1024
+                piece = int(min(64 * 1024, max(512, rate / 20))) if rate else 64 * 1024
                 started = time.monotonic()
                 while offset < end:
                     stop = min(end, offset + piece)

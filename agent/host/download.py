@@ -49,10 +49,16 @@ class Credential:
         return f"Credential(hosts={sorted(self.hosts)!r})"
 
     def allows(self, url: str) -> bool:
-        """True when `url`'s host (or host:port) is on the list."""
+        """True when `url`'s host is on the list bare (any port), or with its port (explicit or the scheme's)."""
         parts = urlsplit(url)
         host = parts.hostname or ""
-        return host in self.hosts or (parts.port is not None and f"{host}:{parts.port}" in self.hosts)
+        return host in self.hosts or f"{host}:{effective_port(url)}" in self.hosts
+
+
+def effective_port(url: str) -> int:
+    """The port a URL connects to: explicit, else the scheme's default."""
+    parts = urlsplit(url)
+    return parts.port or (443 if parts.scheme == "https" else 80)
 
 
 class Reply:
@@ -155,7 +161,11 @@ class HttpTransport:
                 return
             location = response.headers.get("location", "")
             response.close()
+            if not location:
+                raise ModelPullError(f"{redact_source(url)}: HTTP {response.status_code} redirect without a Location")
             target = urljoin(current, location)
+            if urlsplit(target).scheme not in ("http", "https"):
+                raise ModelPullError(f"{redact_source(url)}: refused a redirect to {urlsplit(target).scheme}:")
             if urlsplit(current).scheme == "https" and urlsplit(target).scheme != "https":
                 raise ModelPullError(f"{redact_source(url)}: refused a redirect from https to {redact_source(target)}")
             current = target
@@ -167,6 +177,8 @@ class HttpTransport:
             return self._client.send(self._client.build_request("GET", url, headers=headers), stream=True)
         except httpx.TimeoutException as exc:
             raise TransientPullError(f"{shown}: timed out ({type(exc).__name__})") from None
+        except httpx.LocalProtocolError as exc:  # its text can quote a header, token included: never shown
+            raise ModelPullError(f"{shown}: the request could not be sent ({type(exc).__name__})") from None
         except httpx.TransportError as exc:
             if isinstance(exc, httpx.ConnectError) and "CERTIFICATE_VERIFY_FAILED" in str(exc):
                 raise ModelPullError(f"{shown}: TLS certificate not trusted (set ca_bundle for a private CA)") from None

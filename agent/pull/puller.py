@@ -21,7 +21,7 @@ from agent.pull.partial import Partial
 from agent.pull.progress import EventSink, PullProgress
 from agent.pull.source import Endpoints, Source, resolve
 from agent.pull.store import ModelStore
-from agent.pull.transfer import ConnectionLimits, Transfer, TransferConfig, probe
+from agent.pull.transfer import ConnectionLimits, Transfer, TransferConfig, probe_with_retries
 from agent.redact import redact_source
 from agent.settings import Settings
 
@@ -131,9 +131,10 @@ class ModelPuller:
         for name, spec in models.items():
             try:
                 items.append(self._plan_item(name, spec))
-            except ModelPullError as exc:  # this item fails; the others are still fetched
-                items.append(PlanItem(name, spec, None, "failed", error=str(exc)))
-                self.progress.ended(name, "failed", dest=spec.dest, error=str(exc))
+            except (ModelPullError, OSError) as exc:  # this item fails; the others are still fetched
+                reason = str(exc) if isinstance(exc, ModelPullError) else _os_reason(spec.dest, exc)
+                items.append(PlanItem(name, spec, None, "failed", error=reason))
+                self.progress.ended(name, "failed", dest=spec.dest, error=reason)
         fetch = [i for i in items if i.action == "fetch"]
         needed = sum((i.size or 0) - i.have for i in fetch)
         free = shutil.disk_usage(existing_ancestor(self.store.root)).free
@@ -163,7 +164,7 @@ class ModelPuller:
             except OSError as exc:
                 raise ModelPullError(f"{source.shown}: {exc.strerror or exc}") from None
         elif size is None:
-            size = probe(self._transport, source, self._limits, None).size
+            size = probe_with_retries(self._transport, source, self._limits, self._config.transfer, self._cancel).size
         partial = Partial(self.store.partial_dir, spec.sha256, source.shown)
         have = partial.covered() if partial.validator and partial.validator.size == size else 0
         partial.close()
@@ -222,6 +223,8 @@ class ModelPuller:
                     status.state = "pulled"
         except ModelPullError as exc:
             status.state, status.error = "failed", str(exc)
+        except OSError as exc:  # read-only root, a file where a directory must be, a planted symlink...
+            status.state, status.error = "failed", _os_reason(spec.dest, exc)
         except Exception as exc:  # a bug or an unexpected OS error must fail this item, not hang the pull
             log.exception("model pull crashed", model=item.name)
             status.state, status.error = "failed", f"internal error: {type(exc).__name__}: {exc}"
@@ -252,8 +255,12 @@ class ModelPuller:
             self.progress.started(item.name, source.shown, partial.covered())
             try:
                 digest = transfer.run()
-            finally:
+            except BaseException:
                 partial.close()
+                if partial.covered() == 0:
+                    partial.remove()  # nothing worth resuming: leave no empty part file behind
+                raise
+            partial.close()
             if digest == spec.sha256:
                 self.store.ingest(partial.path, spec.sha256)
                 partial.remove()
@@ -299,3 +306,8 @@ def open_puller(
     )
     store = ModelStore(settings.model_root, settings.state_dir / "models.json")
     return ModelPuller(store, transport, PullConfig.from_settings(settings), environ, sink), transport
+
+
+def _os_reason(dest: str, exc: OSError) -> str:
+    where = f" ({exc.filename})" if exc.filename else ""
+    return f"{dest}: cannot write under the model root: {exc.strerror or exc}{where}"

@@ -9,8 +9,8 @@ from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit
 
 from agent.errors import ModelPullError
-from agent.host.download import Credential
-from agent.profile import ModelSpec
+from agent.host.download import Credential, effective_port
+from agent.profile import ModelSpec, parse_huggingface
 from agent.redact import redact_source
 
 #: Token variables used for the convenience schemes when the manifest names none (and the variable is set).
@@ -54,9 +54,13 @@ def resolve(spec: ModelSpec, endpoints: Endpoints, environ: Mapping[str, str]) -
     else:
         url = spec.url
     token_env = spec.auth_env or DEFAULT_TOKEN_ENV.get(parts.scheme)
-    token = environ.get(token_env) if token_env else None
+    token = (environ.get(token_env) or "").strip() if token_env else None  # a CRLF env file leaves a \r
     if spec.auth_env and not token:
         raise ModelPullError(f"{redact_source(url)}: the token variable {spec.auth_env} is not set")
+    if token and not all(" " < c < "\x7f" for c in token):
+        raise ModelPullError(
+            f"{redact_source(url)}: the token in {token_env} has spaces, control or non-ASCII characters"
+        )
     credential = None
     if token:
         hosts = frozenset(spec.auth_hosts) if spec.auth_hosts else frozenset({_origin_host(url)})
@@ -66,14 +70,10 @@ def resolve(spec: ModelSpec, endpoints: Endpoints, environ: Mapping[str, str]) -
 
 def huggingface_url(source: str, endpoint: str) -> str:
     """`hf://org/repo/path/in/repo[@revision]` -> `<endpoint>/org/repo/resolve/<revision>/path/in/repo`."""
-    rest = source[len("hf://") :]
-    revision = "main"
-    if "@" in rest.rsplit("/", 1)[-1]:
-        rest, revision = rest.rsplit("@", 1)
-    org, repo, path = rest.split("/", 2)
-    return f"{endpoint.rstrip('/')}/{org}/{repo}/resolve/{quote(revision, safe='')}/{quote(path)}"
+    repo, path, revision = parse_huggingface(source)
+    return f"{endpoint.rstrip('/')}/{repo}/resolve/{quote(revision, safe='')}/{quote(path)}"
 
 
 def _origin_host(url: str) -> str:
-    parts = urlsplit(url)
-    return f"{parts.hostname}:{parts.port}" if parts.port is not None else parts.hostname or ""
+    """host:port of the origin, so the default never covers another port of the same host."""
+    return f"{urlsplit(url).hostname}:{effective_port(url)}"

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import ModelPullError
+from agent.profile import CACHE_DIR
 from agent.statefile import fsync_dir, read_json, write_json_atomic
 
 HASH_CHUNK = 4 * 1024 * 1024
-CACHE_DIR = ".emp-cache"
 #: How often a pull waiting for another one's lock checks again.
 LOCK_POLL_S = 0.05
 #: os.link fails with these when a hard link is impossible (another filesystem, no permission, too many links).
@@ -42,7 +42,18 @@ class ModelStore:
     @property
     def partial_dir(self) -> Path:
         """Where partial downloads live (same filesystem as the objects, so ingest is a rename)."""
-        return self.cache / "partial"
+        return self._safe_dir("partial")
+
+    def _safe_dir(self, *parts: str) -> Path:
+        """A directory inside the cache, created as needed; a symlink anywhere on the way is refused (the agent
+        runs as root: a planted link must not make it write elsewhere)."""
+        path = self.cache
+        for part in ("", *parts):
+            path = path / part if part else path
+            path.mkdir(parents=not part, exist_ok=True)
+            if path.is_symlink():
+                raise ModelPullError(f"{path} is a symlink; the model cache must be a plain directory")
+        return path
 
     def destination(self, dest: str) -> Path:
         """The absolute destination; refuses one that escapes the root through a symlinked directory."""
@@ -107,9 +118,8 @@ class ModelStore:
     def lock(self, sha256: str, wait: Callable[[float], bool] | None = None) -> Iterator[None]:
         """Hold the per-object lock: two agents (or two profiles) that want the same file download it once.
         `wait(seconds)` pauses between tries and returns True to give up (the agent is stopping)."""
-        directory = self.cache / "locks"
-        directory.mkdir(parents=True, exist_ok=True)
-        fd = os.open(directory / f"{sha256}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        directory = self._safe_dir("locks")
+        fd = os.open(directory / f"{sha256}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             while True:
                 try:
@@ -126,8 +136,7 @@ class ModelStore:
 
     def ingest(self, part: Path, sha256: str) -> Path:
         """Make a verified part file the cache object: fsync, read-only, rename, fsync the directory."""
-        target = self.object_path(sha256)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        target = self._safe_dir("objects", "sha256", sha256[:2]) / sha256
         fd = os.open(part, os.O_RDONLY | os.O_NOFOLLOW)
         try:
             os.fsync(fd)

@@ -14,7 +14,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential_jitter
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
 
 from agent.errors import ModelPullError
 from agent.host.download import RemoteChanged, TransientPullError, Transport, http_error
@@ -29,9 +35,12 @@ SYNC_STEP = 256 * 1024 * 1024
 RETRY_AFTER_CAP_S = 300.0
 #: Received bytes are recorded (resume point, progress, hasher wake-up) once per this many bytes.
 RECORD_STEP = 1024 * 1024
+#: ... or at least this often while bytes trickle in.
+RECORD_INTERVAL_S = 0.5
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
-#: Bodies with these types are web pages or API errors, never model files.
-_NOT_A_MODEL = ("text/html", "application/json")
+#: Bodies with this type are web pages (a login or error page), never model files. (JSON is not refused:
+#: tokenizer.json and config.json are served as application/json.)
+_NOT_A_MODEL = ("text/html",)
 
 
 class PullCancelled(ModelPullError):
@@ -103,6 +112,8 @@ def probe(transport: Transport, source: Source, limits: ConnectionLimits, expect
             if content_range is None or content_range[2] is None:
                 raise ModelPullError(f"{source.shown}: malformed Content-Range {reply.header('content-range')!r}")
             size, ranges = content_range[2], True
+        elif reply.status == 416 and (reply.header("content-range") or "").strip() == "bytes */0":
+            size, ranges = 0, False  # an empty object: no byte 0 to give
         elif reply.status == 200:
             length = reply.header("content-length")
             if length is None or not length.isdigit():
@@ -119,6 +130,37 @@ def probe(transport: Transport, source: Source, limits: ConnectionLimits, expect
     if expected is not None and size != expected:
         raise ModelPullError(f"{source.shown}: the server offers {size} bytes, the profile expects {expected}")
     return Remote(final, validator, ranges)
+
+
+def retry_wait(backoff: Callable[[RetryCallState], float], state: RetryCallState) -> float:
+    """Exponential with jitter; at least what the server asked for in Retry-After (capped at 5 minutes)."""
+    wait = backoff(state)
+    exc = state.outcome.exception() if state.outcome else None
+    asked = getattr(exc, "retry_after_s", None)
+    return max(wait, min(float(asked), RETRY_AFTER_CAP_S)) if asked is not None else wait
+
+
+def probe_with_retries(
+    transport: Transport, source: Source, limits: ConnectionLimits, config: TransferConfig, cancel: threading.Event
+) -> Remote:
+    """`probe` under the transfer's retry rules (503, 429 with Retry-After, resets), for the plan's size lookups."""
+    backoff = wait_exponential_jitter(multiplier=config.retry_wait_s, max=30, jitter=config.retry_wait_s)
+
+    def sleep(seconds: float) -> None:
+        if cancel.wait(seconds):
+            raise PullCancelled(f"{source.shown}: cancelled (the agent is stopping)")
+
+    retrying = Retrying(
+        stop=stop_after_attempt(config.attempts),
+        wait=lambda state: retry_wait(backoff, state),
+        retry=retry_if_exception_type(TransientPullError),
+        sleep=sleep,
+        reraise=True,
+    )
+    for attempt in retrying:
+        with attempt:
+            return probe(transport, source, limits, None)
+    raise AssertionError("unreachable")
 
 
 class Hasher:
@@ -254,6 +296,8 @@ class Transfer:
             kept = self._partial.adopt(remote.validator)
             if self.resumed_bytes == 0 and kept:
                 self.resumed_bytes = kept
+            if self._partial.covered() >= remote.size:
+                return  # everything is on disk already (killed between the last byte and ingest): verify it
             if remote.ranges and remote.size >= self._config.ranged_min_bytes:
                 self._ranged(remote)
             else:
@@ -285,6 +329,8 @@ class Transfer:
                 start = 0  # no range support, or If-Range saw a new version: the whole file, from byte 0
                 if self._partial.covered():
                     self._partial.discard()
+            elif reply.status == 416:
+                raise RemoteChanged(f"{self._source.shown}: HTTP 416 on a resume; starting over")
             elif reply.status == 206:
                 if reply.content_range() != (start, remote.size - 1, remote.size):
                     raise TransientPullError(
@@ -349,6 +395,8 @@ class Transfer:
         with self._limits.slot(remote.url), self._transport.get(remote.url, headers, self._source.credential) as reply:
             if reply.status == 200:
                 raise RemoteChanged(f"{self._source.shown}: the remote file changed (If-Range sent the whole file)")
+            if reply.status == 416:
+                raise RemoteChanged(f"{self._source.shown}: HTTP 416 for a range; starting over")
             if reply.status != 206:
                 raise http_error(reply)
             if reply.content_range() != (first, end - 1, remote.size):
@@ -359,15 +407,16 @@ class Transfer:
     def _receive(self, chunks: Iterator[bytes], offset: int, end: int, stop: threading.Event | None) -> None:
         """Write chunks from `offset` on; bookkeeping (ranges, progress, cancel and deadline checks) once per
         RECORD_STEP bytes, which keeps the per-chunk path to one pwrite (and the GIL free for the hasher)."""
-        recorded = offset
+        recorded, recorded_at = offset, self._monotonic()
         try:
             for chunk in chunks:
                 if offset + len(chunk) > end:
                     raise RemoteChanged(f"{self._source.shown}: the server sent more bytes than announced")
                 offset += self._partial.write(offset, chunk)
-                if offset - recorded >= RECORD_STEP:
+                now = self._monotonic()  # a trickle still meets its deadline and its cancel
+                if offset - recorded >= RECORD_STEP or now - recorded_at >= RECORD_INTERVAL_S:
                     self._record(recorded, offset)
-                    recorded = offset
+                    recorded, recorded_at = offset, now
                     if stop is not None and stop.is_set():
                         return
         finally:
@@ -414,11 +463,7 @@ class Transfer:
         return self._failures >= self._config.attempts or self._monotonic() - self._started > self._config.deadline_s
 
     def _wait(self, state: RetryCallState) -> float:
-        """Exponential with jitter; at least what the server asked for in Retry-After (capped at 5 minutes)."""
-        backoff = self._backoff(state)
-        exc = state.outcome.exception() if state.outcome else None
-        asked = getattr(exc, "retry_after_s", None)
-        return max(backoff, min(float(asked), RETRY_AFTER_CAP_S)) if asked is not None else backoff
+        return retry_wait(self._backoff, state)
 
     def _before_sleep(self, state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None

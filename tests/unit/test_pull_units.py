@@ -59,12 +59,32 @@ def test_huggingface_and_civitai_urls() -> None:
     assert ("https://cv.example/api/download/models/4711", None) == (cv.url, cv.credential)
 
 
+def test_the_default_token_scope_includes_the_port() -> None:
+    """Without auth_hosts the token goes to the URL's origin only: another port of the same host is another
+    origin, also when the URL names no port."""
+    source = resolve(
+        ModelSpec(url="http://127.0.0.1/m.bin", dest="m.bin", sha256=SHA, auth_env="T"), Endpoints(), {"T": "tok"}
+    )
+
+    assert source.credential is not None
+    assert source.credential.allows("http://127.0.0.1:80/x")
+    assert not source.credential.allows("http://127.0.0.1:8080/x")
+
+
+def test_hf_revisions_may_be_pull_request_refs_and_datasets_have_their_prefix() -> None:
+    """What follows the last '@' is the revision (quoted whole); datasets/ and spaces/ repos keep their prefix."""
+    assert "https://h/o/r/resolve/refs%2Fpr%2F1/f.bin" == huggingface_url("hf://o/r/f.bin@refs/pr/1", "https://h")
+    assert "https://h/datasets/o/r/resolve/main/d/x.parquet" == huggingface_url(
+        "hf://datasets/o/r/d/x.parquet", "https://h"
+    )
+
+
 def test_default_token_goes_only_to_the_endpoint_host() -> None:
     """HF_TOKEN is used for hf:// sources and scoped to the endpoint's host."""
     source = resolve(ModelSpec(url="hf://o/r/m.bin", dest="m.bin", sha256=SHA), Endpoints(), {"HF_TOKEN": "hf_x"})
 
     assert source.credential is not None
-    assert frozenset({"huggingface.co"}) == source.credential.hosts
+    assert frozenset({"huggingface.co:443"}) == source.credential.hosts
 
 
 def test_a_named_token_variable_that_is_unset_is_an_error() -> None:
@@ -85,6 +105,16 @@ def test_a_named_token_variable_that_is_unset_is_an_error() -> None:
         ("dest", "../x.bin", "inside the model root"),
         ("dest", "/abs/x.bin", "inside the model root"),
         ("auth_env", "1BAD", "should match pattern"),
+        ("url", "http://127.0.0.1:99999/x", "not a valid URL"),
+        ("url", "http://[::1/x", "not a valid URL"),
+        ("url", "hf://org/repo/f.bin@", "revision after '@' is empty"),
+        ("url", "hf://org//repo/f", "hf://org/repo/path"),
+        ("url", "hf://u:p@org/r/f", "hf://org/repo/path"),
+        ("url", "civitai://123?type=VAE", "civitai://<model version id>"),
+        ("dest", ".emp-cache/objects/x", "the agent's cache"),
+        ("dest", "a\nb.bin", "control characters"),
+        ("dest", "x" * 241, "longer than 240 bytes"),
+        ("size", True, "valid integer"),
         ("auth_hosts", ["https://h/"], "is not a host name"),
     ],
 )
