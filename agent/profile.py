@@ -467,6 +467,15 @@ def _service_graph_problems(merged: dict[str, Any], origin: dict[tuple[str, ...]
             if key in dests and dests[key][1] != model.get("sha256"):
                 report(("models", name, "dest"), f"same destination as models.{dests[key][0]} with another sha256")
             dests.setdefault(key, (name, model.get("sha256")))
+    for key, (name, _) in dests.items():
+        parent = os.path.dirname(key)
+        while parent and parent != os.path.dirname(parent):
+            if parent in dests:
+                report(
+                    ("models", name, "dest"), f"inside {parent}, which is the destination of models.{dests[parent][0]}"
+                )
+                break
+            parent = os.path.dirname(parent)
     for table in ("prepare", "models"):
         entries = merged.get(table)
         for name in entries if isinstance(entries, dict) else []:

@@ -54,6 +54,7 @@ class FileServer:
     status_once: dict[str, list[tuple[int, dict[str, str]]]] = field(default_factory=dict)
     content_type: dict[str, str] = field(default_factory=dict)
     content_disposition: dict[str, str] = field(default_factory=dict)
+    extra_headers: dict[str, dict[str, str]] = field(default_factory=dict)
     pause_at: dict[str, tuple[int, threading.Event]] = field(default_factory=dict)
     rate: dict[str, float] = field(default_factory=dict)
     hold: dict[str, tuple[int, threading.Event, threading.Event]] = field(default_factory=dict)
@@ -108,6 +109,7 @@ class FileServer:
                     headers["Content-Type"] = server.content_type[name]
                 if name in server.content_disposition:
                     headers["Content-Disposition"] = server.content_disposition[name]
+                headers.update(server.extra_headers.get(name, {}))
                 first, last = 0, len(data) - 1
                 match = _RANGE.match(self.headers.get("Range", ""))
                 if_range = self.headers.get("If-Range")

@@ -102,6 +102,12 @@ def probe(transport: Transport, source: Source, limits: ConnectionLimits, expect
     """`GET` with `Range: bytes=0-0` (never HEAD: presigned URLs are signed for GET): size, validator, ranges."""
     with limits.slot(source.url), transport.get(source.url, {"Range": "bytes=0-0"}, source.credential) as reply:
         content_type = (reply.header("content-type") or "").split(";")[0].strip().lower()
+        encoding = (reply.header("content-encoding") or "identity").strip().lower()
+        if reply.status in (200, 206) and encoding != "identity":
+            raise ModelPullError(
+                f"{source.shown}: the server compresses the body (Content-Encoding: {encoding}) although we asked "
+                "for identity; the bytes would not be the file"
+            )
         if reply.status in (200, 206) and content_type in _NOT_A_MODEL:
             raise ModelPullError(
                 f"{source.shown}: the server answered with {content_type}, not a model file "

@@ -330,6 +330,15 @@ def test_empty_and_json_files_are_pulled(tmp_path: Path, server: FileServer) -> 
     assert b"" == placed(tmp_path, "e.bin")
 
 
+def test_a_compressed_body_is_refused_with_the_reason(tmp_path: Path, server: FileServer) -> None:
+    """A server that gzips although asked for identity is named as the cause, not left as a bare hash mismatch."""
+    server.extra_headers["small.bin"] = {"Content-Encoding": "gzip"}
+
+    result = pull(tmp_path, {"m": spec(server, "small.bin", SMALL)})
+
+    assert "Content-Encoding: gzip" in str(result["m"].error)
+
+
 def test_size_lookup_in_the_plan_is_retried(tmp_path: Path, server: FileServer) -> None:
     """The plan's size probe follows the retry rules too: a 503 at boot is not a failed host."""
     server.status_once["small.bin"] = [(503, {})]

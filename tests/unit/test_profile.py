@@ -148,6 +148,19 @@ def test_two_models_at_one_destination_with_different_hashes_are_refused(tmp_pat
     assert f"{path}: models.b.dest: same destination as models.a with another sha256" == str(caught.value)
 
 
+def test_a_destination_inside_another_models_file_is_refused(tmp_path: Path) -> None:
+    """`ckpt` cannot be a model file and the directory of another one."""
+    entry = '[models.{n}]\nurl = "https://example.invalid/{n}"\ndest = "{d}"\nsha256 = "{h}"\n'
+    path = write(
+        tmp_path, "p.toml", entry.format(n="a", d="ckpt", h="a" * 64) + entry.format(n="b", d="ckpt/x.bin", h="b" * 64)
+    )
+
+    with pytest.raises(ConfigError) as caught:
+        load_profile("p", tmp_path)
+
+    assert f"{path}: models.b.dest: inside ckpt, which is the destination of models.a" == str(caught.value)
+
+
 def test_a_name_key_is_refused_because_the_file_names_the_profile(tmp_path: Path) -> None:
     """`name = ...` would be silently ignored; it is reported instead."""
     path = write(tmp_path, "p.toml", 'name = "other"\n')
