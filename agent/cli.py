@@ -61,6 +61,10 @@ def _parser() -> argparse.ArgumentParser:
     signal_cmd = sub.add_parser("signal", parents=[common, socket_opt], help="send a signal to an instance's group")
     signal_cmd.add_argument("names", nargs=1, metavar="NAME")
     signal_cmd.add_argument("signal", help="e.g. HUP, USR1, SIGTERM")
+    logs = sub.add_parser("logs", parents=[common, socket_opt], help="print (and follow) an instance's output log")
+    logs.add_argument("names", nargs=1, metavar="NAME", help="an instance, or a service with one instance")
+    logs.add_argument("-n", "--lines", type=int, default=20, help="last lines to print first (default 20)")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new output, across rotations")
     check = sub.add_parser("check", parents=[common], help="validate settings and profile; start nothing")
     check.add_argument("--profile", help="profile name or path (overrides EMP_AGENT_PROFILE)")
     pull = sub.add_parser(
@@ -85,6 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _status(args)
         if args.command in ("start", "stop", "restart", "signal", "reopen-logs"):
             return _control(args)
+        if args.command == "logs":
+            return _logs(args)
         if args.command == "check":
             return _check(args)
         if args.command == "detect":
@@ -148,6 +154,41 @@ def _control(args: argparse.Namespace) -> int:
     if failed == 0:
         return EXIT_OK
     return EXIT_FAILED if ok == 0 else EXIT_PARTIAL
+
+
+def _logs(args: argparse.Namespace) -> int:
+    """Ask the running agent where the instance's log is; without an agent, look in the configured log_dir."""
+    from agent.api.client import locate_socket, request_json
+    from agent.logtail import follow, last_lines, write_out
+
+    name = args.names[0]
+    socket_path = args.socket or locate_socket(config_path=str(args.config) if args.config else None)
+    try:
+        _, status = request_json(socket_path, "GET", "/status")
+    except AgentNotRunning:
+        settings, _ = _load(args, need_profile=False)
+        path = settings.log_dir / f"{name}.log"
+    else:
+        services = status.get("services", [])
+        found = [s for s in services if s["name"] == name] or [s for s in services if s["service"] == name]
+        if not found:
+            print(f"{name}: ERROR (no such service)", file=sys.stderr)
+            return EXIT_FAILED
+        if len(found) > 1:
+            names = ", ".join(s["name"] for s in found)
+            print(f"{name}: ERROR ({len(found)} instances: {names}; name one)", file=sys.stderr)
+            return EXIT_USAGE
+        path = Path(found[0]["log"]["path"])
+    if not path.exists() and not args.follow:
+        print(f"{name}: ERROR (no log at {path})", file=sys.stderr)
+        return EXIT_FAILED
+    if path.exists():
+        for line in last_lines(path, args.lines):
+            write_out(line)
+    if args.follow:
+        for chunk in follow(path):
+            write_out(chunk)
+    return EXIT_OK
 
 
 def _load(args: argparse.Namespace, need_profile: bool) -> tuple[Settings, Profile | None]:

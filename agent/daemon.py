@@ -110,7 +110,13 @@ class Agent:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, self.handle_exit, sig)
-        api = ControlApi(self.settings.control_socket, self.status, self.table.control)
+        api = ControlApi(
+            self.settings.control_socket,
+            self.status,
+            self.table.control,
+            usage=lambda: asyncio.to_thread(self.table.usage),
+            tcp=self.settings.http_address,
+        )
         await api.start()  # survivors of a previous agent are adopted or stopped as their instances come up
         log.info(
             "emp-agent starting",

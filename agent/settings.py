@@ -53,6 +53,11 @@ class Settings(BaseSettings):
         default=None,
         description="redis://, rediss:// or unix:// URL; unset starts an embedded server in the state dir.",
     )
+    http_listen: str | None = Field(
+        default=None,
+        pattern=r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}$",
+        description="host:port for a read-only HTTP listener (/healthz /readyz /status /metrics); unset: none.",
+    )
     heartbeat_interval_s: float = Field(default=10.0, gt=0.05, le=600, description="Seconds between beats.")
     gpu_probe_timeout_s: float = Field(default=20.0, gt=0, le=600, description="Deadline of one NVML probe.")
     ca_bundle: Path | None = Field(default=None, description="Extra CA bundle (PEM) for model downloads.")
@@ -112,6 +117,14 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The environment (systemd EnvironmentFile, cloud-init) overrides the TOML file passed as init data.
         return (env_settings, init_settings)
+
+    @property
+    def http_address(self) -> tuple[str, int] | None:
+        """`http_listen` split into host and port."""
+        if self.http_listen is None:
+            return None
+        host, port = self.http_listen.rsplit(":", 1)
+        return host.strip("[]"), int(port)
 
     @property
     def control_socket(self) -> Path:

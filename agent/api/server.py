@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,23 +22,38 @@ SOCKET_GROUP = "emp-agent"
 StatusSource = Callable[[], dict[str, Any]]
 #: (action, name, signal number or None) -> one result per instance; raises UnknownService.
 ControlSource = Callable[[str, str, int | None], Awaitable[list[dict[str, Any]]]]
+#: instance -> (RSS bytes, CPU seconds) of its process tree.
+UsageSource = Callable[[], Awaitable[dict[str, tuple[int, float]]]]
 
 
 class ControlApi:
-    """GET /healthz (process alive), /readyz (phase ready), /status (the full status document)."""
+    """GET /healthz (process alive), /readyz (phase ready), /status (the full status document), /metrics
+    (Prometheus); POST control on the unix socket only. The optional TCP listener serves the GET endpoints and
+    nothing else."""
 
-    def __init__(self, socket_path: Path, status: StatusSource, control: ControlSource | None = None) -> None:
+    def __init__(
+        self,
+        socket_path: Path,
+        status: StatusSource,
+        control: ControlSource | None = None,
+        usage: UsageSource | None = None,
+        tcp: tuple[str, int] | None = None,
+    ) -> None:
         self.socket_path = socket_path
         self._status = status
         self._control = control
-        self._runner: web.AppRunner | None = None
+        self._usage = usage
+        self._tcp = tcp
+        self._runners: list[web.AppRunner] = []
+        self.tcp_port: int | None = None
 
-    def _app(self) -> web.Application:
+    def _app(self, control: bool) -> web.Application:
         app = web.Application()
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/status", self._status_handler)
-        if self._control is not None:
+        app.router.add_get("/metrics", self._metrics)
+        if control and self._control is not None:
             app.router.add_post(
                 "/services/{name}/{action:start|stop|restart|signal|reopen-logs}", self._control_handler
             )
@@ -47,21 +63,41 @@ class ControlApi:
         """Listen; refuses to take over a socket another live agent answers on."""
         self.socket_path.parent.mkdir(parents=True, exist_ok=True)
         _clear_stale_socket(self.socket_path)
-        self._runner = web.AppRunner(self._app(), access_log=None, handle_signals=False)
-        await self._runner.setup()
-        site = web.UnixSite(self._runner, str(self.socket_path))
-        await site.start()
+        runner = web.AppRunner(self._app(control=True), access_log=None, handle_signals=False)
+        await runner.setup()
+        self._runners.append(runner)
+        await web.UnixSite(runner, str(self.socket_path)).start()
         os.chmod(self.socket_path, SOCKET_MODE)
         with contextlib.suppress(KeyError, PermissionError):
             os.chown(self.socket_path, -1, grp.getgrnam(SOCKET_GROUP).gr_gid)
+        if self._tcp is not None:
+            tcp = web.AppRunner(self._app(control=False), access_log=None, handle_signals=False)
+            await tcp.setup()
+            self._runners.append(tcp)
+            site = web.TCPSite(tcp, self._tcp[0], self._tcp[1])
+            try:
+                await site.start()
+            except OSError as exc:
+                await self.stop()
+                raise AgentError(
+                    f"cannot listen on {self._tcp[0]}:{self._tcp[1]} (http_listen): {exc.strerror}"
+                ) from None
+            self.tcp_port = int(tcp.addresses[0][1]) if tcp.addresses else self._tcp[1]
 
     async def stop(self) -> None:
         """Stop serving and remove the socket."""
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        for runner in self._runners:
+            await runner.cleanup()
+        self._runners = []
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        from agent.api.metrics import CONTENT_TYPE, render
+
+        usage = await self._usage() if self._usage is not None else {}
+        body = render(self._status(), usage, datetime.now(UTC))
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})

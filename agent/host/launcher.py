@@ -64,6 +64,10 @@ class Child(Protocol):
         """Resident memory of every live process of the instance, in MiB."""
         ...
 
+    def usage(self) -> tuple[int, float]:
+        """(RSS bytes, CPU seconds) summed over every live process of the instance."""
+        ...
+
 
 class Launcher(Protocol):
     """Starts processes and the log writers their output goes to."""
@@ -124,11 +128,16 @@ class _Tree:
         return False
 
     def tree_rss_mib(self) -> int:
-        total = 0
+        return self.usage()[0] // (1024 * 1024)
+
+    def usage(self) -> tuple[int, float]:
+        rss, cpu = 0, 0.0
         for proc in self.members():
-            with contextlib.suppress(psutil.Error):
-                total += proc.memory_info().rss
-        return total // (1024 * 1024)
+            with contextlib.suppress(psutil.Error), proc.oneshot():
+                rss += proc.memory_info().rss
+                times = proc.cpu_times()
+                cpu += times.user + times.system
+        return rss, cpu
 
 
 class _OsChild(_Tree):

@@ -157,6 +157,11 @@ class ManagedService:
             "log": {"path": str(self.spec.log_path), **_log_state(self.spec.log_path)},
         }
 
+    @property
+    def child(self) -> Child | None:
+        """The live process tree, if any (for resource usage)."""
+        return self._child
+
     # ---- internals --------------------------------------------------------------------------------------
 
     _child: Child | None = None

@@ -200,6 +200,16 @@ class ProcessTable:
         for service in self._services.values():
             service.force_kill()
 
+    def usage(self) -> dict[str, tuple[int, float]]:
+        """(RSS bytes, CPU seconds) of each instance that has a live process tree (walks /proc: call it off the
+        event loop)."""
+        found = {}
+        for name, service in list(self._services.items()):
+            child = service.child
+            if child is not None:
+                found[name] = child.usage()
+        return found
+
     def snapshot(self) -> list[dict[str, Any]]:
         """Every instance as status shows it, in start order."""
         return [s.snapshot() for s in self._services.values()]

@@ -7,6 +7,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from agent.api.client import request_json
@@ -87,3 +88,87 @@ def test_a_regular_file_at_the_socket_path_is_not_deleted(short_tmp: Path) -> No
         asyncio.run(ControlApi(path, status).start())
 
     assert "precious" == path.read_text()
+
+
+FULL_STATUS: dict[str, Any] = {
+    "agent_version": "0.1.0",
+    "machine_id": "emp-1",
+    "profile": "demo",
+    "phase": "degraded",
+    "reasons": ["service web-0: BACKOFF"],
+    "uptime_s": 12.5,
+    "services": [
+        {"name": "web-0", "service": "web", "state": "BACKOFF", "restarts": 3, "uptime_s": None},
+        {"name": "api-0", "service": "api", "state": "RUNNING", "restarts": 0, "uptime_s": 10.0},
+    ],
+    "stages": [{"name": "pull_models", "state": "done", "duration_s": 2.5}],
+    "models": [{"name": "m", "bytes_fetched": 1000}],
+    "pull": {"bytes_done": 1000, "bytes_total": 1000},
+    "gpus": {
+        "gpus": [
+            {
+                "index": 0,
+                "uuid": "GPU-1",
+                "name": "NVIDIA A10G",
+                "memory_total_mib": 23028,
+                "memory_free_mib": 22000,
+                "temperature_c": 31,
+            }
+        ]
+    },
+    "registry": {"connected": True, "last_heartbeat": "2026-12-03T10:00:00.000+00:00"},
+}
+
+
+def test_metrics_and_read_only_tcp_listener(short_tmp: Path) -> None:
+    """/metrics is Prometheus text that prometheus-client's own parser reads back with the right values; the TCP
+    listener serves the read-only endpoints and refuses control, which is never called."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    calls: list[tuple[str, str]] = []
+
+    async def control(action: str, name: str, sig: int | None) -> list[dict[str, Any]]:
+        calls.append((action, name))
+        return []
+
+    async def usage() -> dict[str, tuple[int, float]]:
+        return {"api-0": (50 * 2**20, 1.5)}
+
+    async def scenario() -> tuple[str, int, int, int]:
+        api = ControlApi(short_tmp / "agent.sock", lambda: FULL_STATUS, control, usage=usage, tcp=("127.0.0.1", 0))
+        await api.start()
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{api.tcp_port}") as client:
+                metrics = await client.get("/metrics")
+                status_code = (await client.get("/status")).status_code
+                post = await client.post("/services/web/stop")
+                return metrics.text, status_code, post.status_code, metrics.status_code
+        finally:
+            await api.stop()
+
+    text, status_code, post_code, metrics_code = asyncio.run(scenario())
+
+    assert (200, 200) == (metrics_code, status_code)
+    assert post_code in (404, 405)
+    assert [] == calls
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    web, api_ = (("instance", "web-0"), ("service", "web")), (("instance", "api-0"), ("service", "api"))
+    assert 1.0 == samples[("emp_service_state", (*web, ("state", "BACKOFF")))]
+    assert 0.0 == samples[("emp_service_state", (*web, ("state", "RUNNING")))]
+    assert 3.0 == samples[("emp_service_restarts_total", web)]
+    assert 1.0 == samples[("emp_service_up", api_)]
+    assert 50 * 2**20 == samples[("emp_service_memory_rss_bytes", api_)]
+    assert 1.5 == samples[("emp_service_cpu_seconds_total", api_)]
+    assert 1.0 == samples[("emp_machine_phase", (("phase", "degraded"),))]
+    assert 2.5 == samples[("emp_stage_duration_seconds", (("stage", "pull_models"),))]
+    assert (
+        23028 * 2**20
+        == samples[("emp_gpu_memory_total_bytes", (("gpu", "0"), ("name", "NVIDIA A10G"), ("uuid", "GPU-1")))]
+    )
+    assert 1000 == samples[("emp_models_fetched_bytes_total", ())]
+    assert 1.0 == samples[("emp_registry_connected", ())]
+    assert samples[("emp_heartbeat_age_seconds", ())] > 0

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -497,3 +498,41 @@ def test_agent_speaks_sd_notify_to_its_service_manager(agent_dirs: Path) -> None
 
     assert 0 == code
     assert 1 == seen.count("READY=1")
+
+
+@pytest.mark.slow
+def test_running_demo_serves_metrics_on_its_read_only_listener_and_its_logs(agent_dirs: Path) -> None:
+    """With `http_listen` set, a scraper on TCP reads the live agent's metrics: real RSS and CPU of each
+    service's process tree, the phase, and the pull's bytes. `emp-agent logs` finds an instance's log through
+    the agent, by instance or by service name."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    agent = AgentProcess(
+        agent_dirs, REPO / "profiles" / "demo.toml", extra_env={"EMP_AGENT_HTTP_LISTEN": f"127.0.0.1:{port}"}
+    )
+    try:
+        assert "ready" == agent.wait_phase("ready", "failed")["phase"], agent.read_log()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        by_service = agent.cli("logs", "inference", "-n", "3")
+        by_instance = agent.cli("logs", "inference-0", "-n", "3")
+        unknown = agent.cli("logs", "nope")
+    finally:
+        agent.stop()
+
+    samples = {
+        (s.name, s.labels.get("instance"), s.labels.get("phase")): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    assert 1.0 == samples[("emp_machine_phase", None, "ready")]
+    assert 1.0 == samples[("emp_service_up", "inference-0", None)]
+    assert samples[("emp_service_memory_rss_bytes", "inference-0", None)] > 1_000_000
+    assert samples[("emp_service_cpu_seconds_total", "inference-0", None)] > 0
+    assert 262144 == samples[("emp_models_fetched_bytes_total", None, None)]
+    assert (0, 3) == (by_instance.returncode, len(by_instance.stdout.splitlines())), by_instance.stderr
+    assert by_service.stdout == by_instance.stdout
+    assert (1, "nope: ERROR (no such service)\n") == (unknown.returncode, unknown.stderr)

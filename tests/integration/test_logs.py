@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 from agent.host.launcher import LogSpec, ProcessLauncher
@@ -12,7 +16,7 @@ from agent.profile import Profile, ReadinessSpec, RestartPolicy, RestartSpec, Se
 from agent.supervisor.instances import Paths, expand
 from agent.supervisor.states import ServiceState
 from agent.supervisor.table import ProcessTable
-from tests.helpers import await_until
+from tests.helpers import await_until, wait_until
 
 PROGRAMS = Path(__file__).resolve().parent.parent / "programs"
 ONCE = RestartSpec(policy=RestartPolicy.ON_FAILURE)
@@ -89,3 +93,48 @@ def test_a_failing_log_never_blocks_the_child_and_is_reported(tmp_path: Path) ->
     assert snap["log"]["last_error"].endswith("chatty.log: No space left on device")
     state = json.loads(LogSpec(logs / "chatty.log").state_path.read_text())
     assert state["tail"][-1].startswith("line 00099999 ")
+
+
+def test_logs_command_prints_the_tail_and_follows_across_rotation(tmp_path: Path) -> None:
+    """`emp-agent logs NAME -n 2 -f` (no agent running: the configured log_dir) prints the last two lines, then
+    new lines, including those written just before a rotation and those in the new file after it."""
+    log_dir = tmp_path / "log"
+    log_dir.mkdir()
+    log = log_dir / "web-0.log"
+    log.write_bytes(b"one\ntwo\nthree\n")
+    env = {
+        "PATH": os.environ["PATH"],
+        "EMP_AGENT_LOG_DIR": str(log_dir),
+        "EMP_AGENT_RUNTIME_DIR": str(tmp_path / "run"),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent", "logs", "web-0", "-n", "2", "-f"], env=env, stdout=subprocess.PIPE
+    )
+    out: list[bytes] = []
+    reader = threading.Thread(target=lambda: out.extend(iter(lambda: proc.stdout.read1(4096), b"")), daemon=True)  # type: ignore[union-attr]
+    reader.start()
+    try:
+        wait_until(lambda: b"".join(out) == b"two\nthree\n", what="the last two lines")
+        with log.open("ab") as handle:
+            handle.write(b"four\n")
+        wait_until(lambda: b"four\n" in b"".join(out), what="an appended line")
+        with log.open("ab") as handle:
+            handle.write(b"five\n")
+        log.rename(log_dir / "web-0.log.1")
+        log.write_bytes(b"six\n")
+        wait_until(lambda: b"".join(out).endswith(b"six\n"), what="the line in the new file")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+    assert b"two\nthree\nfour\nfive\nsix\n" == b"".join(out)
+
+
+def test_logs_for_an_unknown_name_without_a_log_fails(tmp_path: Path) -> None:
+    """No agent, no file: one line naming the path, exit 1."""
+    env = {"PATH": os.environ["PATH"], "EMP_AGENT_LOG_DIR": str(tmp_path), "EMP_AGENT_RUNTIME_DIR": str(tmp_path)}
+
+    result = subprocess.run([sys.executable, "-m", "agent", "logs", "nope"], env=env, capture_output=True, text=True)
+
+    assert 1 == result.returncode
+    assert f"nope: ERROR (no log at {tmp_path}/nope.log)\n" == result.stderr
