@@ -47,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     socket_opt.add_argument("--socket", type=Path, help="control socket (default: <runtime_dir>/agent.sock)")
     status = sub.add_parser("status", parents=[common, socket_opt], help="show the running agent's state")
     status.add_argument("--json", action="store_true", help="print the status document as JSON")
+    status.add_argument("--watch", action="store_true", help="redraw until interrupted (in place on a terminal)")
+    status.add_argument("--interval", type=float, default=2.0, help="seconds between redraws (default 2)")
     for verb, text in (("start", "start"), ("stop", "stop (whole process tree)"), ("restart", "stop, then start")):
         control = sub.add_parser(verb, parents=[common, socket_opt], help=f"{text} instances of the running agent")
         control.add_argument(
@@ -117,12 +119,38 @@ def _status(args: argparse.Namespace) -> int:
     from agent.statusview import render_status
 
     socket_path = args.socket or locate_socket(config_path=str(args.config) if args.config else None)
+    if args.watch:
+        return _watch(socket_path, args.json, max(0.1, args.interval))
     _, status = request_json(socket_path, "GET", "/status")
     if args.json:
         print(json.dumps(status, indent=2))
     else:
         print(render_status(status, colour=sys.stdout.isatty()))
     return {"ready": EXIT_OK, "failed": EXIT_FAILED}.get(status.get("phase"), EXIT_PARTIAL)
+
+
+def _watch(socket_path: Path, as_json: bool, interval: float) -> int:
+    """Redraw every `interval` seconds: in place on a terminal, one frame after another when piped. An agent
+    that goes away is reported and waited for; Ctrl-C ends it with exit 0."""
+    import time
+
+    from agent.api.client import request_json
+    from agent.statusview import render_status
+
+    tty = sys.stdout.isatty()
+    try:
+        while True:
+            try:
+                _, status = request_json(socket_path, "GET", "/status")
+                frame = json.dumps(status) if as_json else render_status(status, colour=tty)
+            except AgentNotRunning as exc:
+                frame = f"error: {exc}"
+            if tty:
+                frame = "\033[H\033[2J" + frame  # home and clear: the table is redrawn in place
+            print(frame + ("" if tty or as_json else "\n"), flush=True)
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return EXIT_OK
 
 
 def _control(args: argparse.Namespace) -> int:

@@ -65,6 +65,7 @@ class Agent:
         self._gpu_probe = gpu_probe or NvmlProbe(settings.gpu_probe_timeout_s)
         self._stages = stages or default_stages()
         self._environ = os.environ if environ is None else environ
+        self._api: ControlApi | None = None
         self.paths = Paths(settings.model_root, settings.state_dir, settings.log_dir)
         self.ledger = ProcessLedger(settings.state_dir / "processes.json")
         self.table = ProcessTable(self._launcher, ledger=self.ledger, respec=self.respec)
@@ -117,6 +118,8 @@ class Agent:
             usage=lambda: asyncio.to_thread(self.table.usage),
             tcp=self.settings.http_address,
         )
+        self._api = api
+        self.table.add_listener(api.events.publish)
         await api.start()  # survivors of a previous agent are adopted or stopped as their instances come up
         log.info(
             "emp-agent starting",
@@ -125,7 +128,14 @@ class Agent:
             pid=os.getpid(),
             socket=str(self.settings.control_socket),
         )
-        puller, transport = open_puller(self.settings, self._environ, self._on_event)
+
+        def from_pull(event: dict[str, Any]) -> None:  # the pull's threads hand their events to the loop
+            loop.call_soon_threadsafe(self._on_event, event)
+
+        def live_from_pull(event: dict[str, Any]) -> None:
+            loop.call_soon_threadsafe(self._publish_live, event)
+
+        puller, transport = open_puller(self.settings, self._environ, sink=from_pull, live=live_from_pull)
         self._notifier.notify(STATUS="starting")
         watchdog = asyncio.create_task(self._watchdog(), name="watchdog")
         startup = asyncio.create_task(self._startup(puller), name="startup")
@@ -287,8 +297,14 @@ class Agent:
         self._registry_url = url
         return url
 
+    def _publish_live(self, event: dict[str, Any]) -> None:
+        if self._api is not None:
+            self._api.events.publish(event)
+
     def _on_event(self, event: dict[str, Any]) -> None:
         self.table.events.append(event)
+        if self._api is not None:
+            self._api.events.publish(event)
         self._kick_if_phase_changed()
 
     def respec(self, name: str) -> InstanceSpec | None:

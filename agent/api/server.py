@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import grp
+import json
 import os
 import signal
 import socket
@@ -14,6 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
+from agent.api.events import EventHub
 from agent.errors import AgentError, UnknownService
 
 SOCKET_MODE = 0o660
@@ -46,6 +49,7 @@ class ControlApi:
         self._tcp = tcp
         self._runners: list[web.AppRunner] = []
         self.tcp_port: int | None = None
+        self.events = EventHub()
 
     def _app(self, control: bool) -> web.Application:
         app = web.Application()
@@ -53,6 +57,7 @@ class ControlApi:
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/status", self._status_handler)
         app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/events", self._events)
         if control and self._control is not None:
             app.router.add_post(
                 "/services/{name}/{action:start|stop|restart|signal|reopen-logs}", self._control_handler
@@ -85,12 +90,46 @@ class ControlApi:
             self.tcp_port = int(tcp.addresses[0][1]) if tcp.addresses else self._tcp[1]
 
     async def stop(self) -> None:
-        """Stop serving and remove the socket."""
+        """End the event streams, stop serving and remove the socket."""
+        self.events.close()
         for runner in self._runners:
             await runner.cleanup()
         self._runners = []
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()
+
+    async def _events(self, request: web.Request) -> web.StreamResponse:
+        """GET /events: a WebSocket when the client asks to upgrade, else server-sent events. One JSON object per
+        event, from now on (the recent past is in /status)."""
+        async with self.events.subscribe() as subscription:
+            websocket = web.WebSocketResponse(heartbeat=30)
+            if websocket.can_prepare(request).ok:
+                await websocket.prepare(request)
+                reader = asyncio.create_task(websocket.receive())  # ends when the client closes
+                try:
+                    while not reader.done():
+                        getter = asyncio.create_task(subscription.queue.get())
+                        await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
+                        if not getter.done():
+                            getter.cancel()
+                            break
+                        event = getter.result()
+                        if event is None:
+                            break
+                        await websocket.send_json(event)
+                finally:
+                    reader.cancel()
+                    await websocket.close()
+                return websocket
+            stream = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+            await stream.prepare(request)
+            await stream.write(b": emp-agent events\n\n")
+            while (event := await subscription.queue.get()) is not None:
+                try:
+                    await stream.write(f"event: {event.get('type', 'event')}\ndata: {json.dumps(event)}\n\n".encode())
+                except ConnectionResetError:
+                    break
+            return stream
 
     async def _metrics(self, request: web.Request) -> web.Response:
         from agent.api.metrics import CONTENT_TYPE, render

@@ -19,11 +19,18 @@ PROGRESS_INTERVAL_S = 1.0
 
 
 class PullProgress:
-    """Thread-safe counters; every event is logged, and all but `model.progress` also go to `sink` (the agent's
-    event history, which progress ticks would flood)."""
+    """Thread-safe counters (the pull runs in threads: sinks must be safe to call from any thread). Every event
+    is logged; all but `model.progress` go to `sink` (the agent's event history, which ticks would flood), and
+    the ticks go to `live` (subscribers of the event stream)."""
 
-    def __init__(self, sink: EventSink | None = None, monotonic: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        sink: EventSink | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+        live: EventSink | None = None,
+    ) -> None:
         self._sink = sink
+        self._live = live
         self._monotonic = monotonic
         self._lock = threading.Lock()
         self._items: dict[str, dict[str, Any]] = {}
@@ -60,6 +67,8 @@ class PullProgress:
             done, total = item["done"], item["total"]
             rate = self._rate_locked(now)
         log.info("model.progress", model=name, bytes=done, total=total, rate_bps=rate)
+        if self._live is not None:
+            self._live({"type": "model", "event": "model.progress", "model": name, "bytes": done, "total": total})
 
     def retry(self, name: str, reason: str, attempt: int) -> None:
         """A transient failure; the item will be tried again."""

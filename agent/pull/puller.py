@@ -109,6 +109,7 @@ class ModelPuller:
         environ: Mapping[str, str],
         sink: EventSink | None = None,
         monotonic: Callable[[], float] = time.monotonic,
+        live: EventSink | None = None,
     ) -> None:
         self.store = store
         self._transport = transport
@@ -118,7 +119,7 @@ class ModelPuller:
         self._monotonic = monotonic
         self._limits = ConnectionLimits(config.connections_total, config.connections_per_host)
         self._cancel = threading.Event()
-        self.progress = PullProgress(sink, monotonic)
+        self.progress = PullProgress(sink, monotonic, live)
 
     def cancel(self) -> None:
         """Stop every transfer at its next chunk (partials are kept for the next run)."""
@@ -295,9 +296,13 @@ class _Counter:
 
 
 def open_puller(
-    settings: Settings, environ: Mapping[str, str], sink: EventSink | None = None
+    settings: Settings,
+    environ: Mapping[str, str],
+    sink: EventSink | None = None,
+    live: EventSink | None = None,
 ) -> tuple[ModelPuller, HttpTransport]:
-    """A puller wired to the real network and disk as the settings say; close the transport when done."""
+    """A puller wired to the real network and disk as the settings say; close the transport when done. The
+    sinks are called from the pull's threads."""
     transport = HttpTransport(
         settings.ca_bundle,
         connect_timeout_s=settings.pull_connect_timeout_s,
@@ -305,7 +310,8 @@ def open_puller(
         max_connections=settings.pull_connections,
     )
     store = ModelStore(settings.model_root, settings.state_dir / "models.json")
-    return ModelPuller(store, transport, PullConfig.from_settings(settings), environ, sink), transport
+    config = PullConfig.from_settings(settings)
+    return ModelPuller(store, transport, config, environ, sink, live=live), transport
 
 
 def _os_reason(dest: str, exc: OSError) -> str:

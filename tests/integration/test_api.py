@@ -13,6 +13,7 @@ import pytest
 from agent.api.client import request_json
 from agent.api.server import ControlApi
 from agent.errors import AgentError, AgentNotRunning
+from tests.helpers import await_until
 
 
 def status() -> dict[str, Any]:
@@ -172,3 +173,39 @@ def test_metrics_and_read_only_tcp_listener(short_tmp: Path) -> None:
     assert 1000 == samples[("emp_models_fetched_bytes_total", ())]
     assert 1.0 == samples[("emp_registry_connected", ())]
     assert samples[("emp_heartbeat_age_seconds", ())] > 0
+
+
+def test_events_stream_as_server_sent_events_and_a_slow_reader_loses_the_oldest(short_tmp: Path) -> None:
+    """Without a WebSocket upgrade /events is a text/event-stream of JSON events; a reader that falls more than
+    its queue behind loses the oldest events and counts them, never blocking the publisher."""
+    from agent.api.events import EventHub
+
+    async def scenario() -> list[str]:
+        api = ControlApi(short_tmp / "agent.sock", lambda: FULL_STATUS, tcp=("127.0.0.1", 0))
+        await api.start()
+        try:
+            async with (
+                httpx.AsyncClient(base_url=f"http://127.0.0.1:{api.tcp_port}") as client,
+                client.stream("GET", "/events") as response,
+            ):
+                assert "text/event-stream" == response.headers["content-type"]
+                lines = response.aiter_lines()
+                assert ": emp-agent events" == await anext(lines)
+                await await_until(lambda: api.events.subscribers == 1, what="the reader subscribed")
+                api.events.publish({"type": "service", "instance": "web-0", "to": "BACKOFF"})
+                return [await anext(lines) for _ in range(3)]
+        finally:
+            await api.stop()
+
+    assert ["", "event: service", 'data: {"type": "service", "instance": "web-0", "to": "BACKOFF"}'] == asyncio.run(
+        scenario()
+    )
+
+    async def slow() -> tuple[int, int]:
+        hub = EventHub(size=3)
+        async with hub.subscribe() as subscription:
+            for n in range(5):
+                hub.publish({"n": n})
+            return subscription.dropped, (await subscription.queue.get())["n"]
+
+    assert (2, 2) == asyncio.run(slow())

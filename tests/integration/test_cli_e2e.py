@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -10,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -503,7 +505,8 @@ def test_agent_speaks_sd_notify_to_its_service_manager(agent_dirs: Path) -> None
 @pytest.mark.slow
 def test_running_demo_serves_metrics_on_its_read_only_listener_and_its_logs(agent_dirs: Path) -> None:
     """With `http_listen` set, a scraper on TCP reads the live agent's metrics: real RSS and CPU of each
-    service's process tree, the phase, and the pull's bytes. `emp-agent logs` finds an instance's log through
+    service's process tree, the phase, and the pull's bytes; a WebSocket on /events receives the transition
+    caused by killing a child; `status --watch` redraws until Ctrl-C. `emp-agent logs` finds an instance's log through
     the agent, by instance or by service name."""
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -517,6 +520,19 @@ def test_running_demo_serves_metrics_on_its_read_only_listener_and_its_logs(agen
         assert "ready" == agent.wait_phase("ready", "failed")["phase"], agent.read_log()
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
             text = response.read().decode()
+        events = asyncio.run(_kill_and_watch(port, service(agent.status() or {}, "inference-0")["pid"]))
+        watcher = subprocess.Popen(
+            [sys.executable, "-m", "agent", "status", "--watch", "--interval", "0.2"],
+            env=agent.env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.extend(iter(watcher.stdout.readline, "")), daemon=True)  # type: ignore[union-attr]
+        reader.start()
+        wait_until(lambda: sum(line.startswith("machine ") for line in lines) >= 2, 30, what="two status frames")
+        watcher.send_signal(signal.SIGINT)
+        watched = watcher.wait(10)
         by_service = agent.cli("logs", "inference", "-n", "3")
         by_instance = agent.cli("logs", "inference-0", "-n", "3")
         unknown = agent.cli("logs", "nope")
@@ -536,3 +552,21 @@ def test_running_demo_serves_metrics_on_its_read_only_listener_and_its_logs(agen
     assert (0, 3) == (by_instance.returncode, len(by_instance.stdout.splitlines())), by_instance.stderr
     assert by_service.stdout == by_instance.stdout
     assert (1, "nope: ERROR (no such service)\n") == (unknown.returncode, unknown.stderr)
+    assert ("RUNNING", "BACKOFF") == (events[0]["from"], events[0]["to"])
+    assert 0 == watched
+    assert "killed by SIGKILL" in events[0]["reason"]
+
+
+async def _kill_and_watch(port: int, pid: int) -> list[dict[str, Any]]:
+    """A WebSocket client on /events sees inference-0 leave RUNNING after its process is SIGKILLed."""
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session, session.ws_connect(f"http://127.0.0.1:{port}/events") as ws:
+        os.kill(pid, signal.SIGKILL)
+        seen: list[dict[str, Any]] = []
+        async with asyncio.timeout(30):
+            while not seen:
+                event = await ws.receive_json()
+                if event.get("type") == "service" and event.get("instance") == "inference-0":
+                    seen.append(event)
+        return seen
