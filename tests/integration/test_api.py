@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import stat
 from pathlib import Path
 from typing import Any
@@ -209,3 +210,42 @@ def test_events_stream_as_server_sent_events_and_a_slow_reader_loses_the_oldest(
             return subscription.dropped, (await subscription.queue.get())["n"]
 
     assert (2, 2) == asyncio.run(slow())
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="running the client as another user needs root")
+def test_a_user_outside_the_group_is_refused_by_the_socket(short_tmp: Path) -> None:
+    """The socket is 0660 root:emp-agent (root's group here): the CLI's client running as `nobody` is refused
+    with one clear line, and the status never reaches it."""
+    short_tmp.chmod(0o755)
+    sock = short_tmp / "agent.sock"
+
+    def as_nobody() -> str:
+        """Fork, drop to nobody, try the request; the child reports what it got through a pipe."""
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: only this thread exists here
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                try:
+                    outcome = f"answered {request_json(sock, 'GET', '/status')}"
+                except AgentError as exc:
+                    outcome = str(exc)
+                os.write(write_end, outcome.encode())
+            finally:
+                os._exit(0)
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as pipe:
+            text = pipe.read().decode()
+        os.waitpid(pid, 0)
+        return text
+
+    async def scenario() -> str:
+        api = ControlApi(sock, status)
+        await api.start()
+        try:
+            return await asyncio.to_thread(as_nobody)
+        finally:
+            await api.stop()
+
+    assert f"permission denied on {sock}: run as root or a member of the emp-agent group" == asyncio.run(scenario())
