@@ -77,6 +77,13 @@ def _parser() -> argparse.ArgumentParser:
     pull.add_argument("--profile", help="profile name or path (overrides EMP_AGENT_PROFILE)")
     sub.add_parser("detect", parents=[common], help="print host facts and GPUs as JSON")
     sub.add_parser("version", help="print the agent version")
+    completion = sub.add_parser(
+        "completion",
+        help="print a shell completion script",
+        description="bash: `emp-agent completion bash > /etc/bash_completion.d/emp-agent`; "
+        'zsh: `emp-agent completion zsh > "${fpath[1]}/_emp-agent"`',
+    )
+    completion.add_argument("shell", choices=["bash", "zsh"])
     return parser
 
 
@@ -86,6 +93,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "version":
             print(f"emp-agent {__version__}")
+            return EXIT_OK
+        if args.command == "completion":
+            from agent.completion import completion_script
+
+            print(completion_script(_parser(), args.shell))
             return EXIT_OK
         if args.command == "status":
             return _status(args)
