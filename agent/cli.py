@@ -63,6 +63,12 @@ def _parser() -> argparse.ArgumentParser:
     signal_cmd = sub.add_parser("signal", parents=[common, socket_opt], help="send a signal to an instance's group")
     signal_cmd.add_argument("names", nargs=1, metavar="NAME")
     signal_cmd.add_argument("signal", help="e.g. HUP, USR1, SIGTERM")
+    drain = sub.add_parser(
+        "drain",
+        parents=[common, socket_opt],
+        help="take this machine out of rotation: phase draining, grace, deregister, stop services",
+    )
+    drain.add_argument("--timeout", type=float, default=0.0, help="grace for in-flight work, in seconds (default 0)")
     logs = sub.add_parser("logs", parents=[common, socket_opt], help="print (and follow) an instance's output log")
     logs.add_argument("names", nargs=1, metavar="NAME", help="an instance, or a service with one instance")
     logs.add_argument("-n", "--lines", type=int, default=20, help="last lines to print first (default 20)")
@@ -103,6 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _status(args)
         if args.command in ("start", "stop", "restart", "signal", "reopen-logs"):
             return _control(args)
+        if args.command == "drain":
+            return _drain(args)
         if args.command == "logs":
             return _logs(args)
         if args.command == "check":
@@ -194,6 +202,21 @@ def _control(args: argparse.Namespace) -> int:
     if failed == 0:
         return EXIT_OK
     return EXIT_FAILED if ok == 0 else EXIT_PARTIAL
+
+
+def _drain(args: argparse.Namespace) -> int:
+    from agent.api.client import locate_socket, request_json
+
+    socket_path = args.socket or locate_socket(config_path=str(args.config) if args.config else None)
+    code, body = request_json(
+        socket_path, "POST", f"/drain?timeout={args.timeout}", timeout=args.timeout + CONTROL_TIMEOUT_S
+    )
+    if code != 200:
+        print(f"error: {body.get('error')}", file=sys.stderr)
+        return EXIT_USAGE if code == 400 else EXIT_FAILED
+    registry = "deregistered" if body["deregistered"] else "not registered"
+    print(f"drained: {len(body['stopped'])} instance(s) stopped, {registry}; phase {body['phase']}")
+    return EXIT_OK
 
 
 def _logs(args: argparse.Namespace) -> int:

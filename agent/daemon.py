@@ -66,6 +66,8 @@ class Agent:
         self._stages = stages or default_stages()
         self._environ = os.environ if environ is None else environ
         self._api: ControlApi | None = None
+        self._draining = False
+        self._startup_task: asyncio.Task[None] | None = None
         self.paths = Paths(settings.model_root, settings.state_dir, settings.log_dir)
         self.ledger = ProcessLedger(settings.state_dir / "processes.json")
         self.table = ProcessTable(self._launcher, ledger=self.ledger, respec=self.respec)
@@ -116,6 +118,7 @@ class Agent:
             self.status,
             self.table.control,
             usage=lambda: asyncio.to_thread(self.table.usage),
+            drain=self.drain,
             tcp=self.settings.http_address,
         )
         self._api = api
@@ -139,6 +142,7 @@ class Agent:
         self._notifier.notify(STATUS="starting")
         watchdog = asyncio.create_task(self._watchdog(), name="watchdog")
         startup = asyncio.create_task(self._startup(puller), name="startup")
+        self._startup_task = startup
         try:
             await self._shutdown.wait()
         finally:
@@ -248,7 +252,7 @@ class Agent:
             startup.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await startup
-        if self.heartbeat is not None:
+        if self.heartbeat is not None and not self._draining:  # a drained machine has no record to update
             with contextlib.suppress(RegistryError, TimeoutError):
                 async with asyncio.timeout(LAST_BEAT_TIMEOUT_S):
                     await self.heartbeat.beat()  # publish "stopping" before the record goes
@@ -297,6 +301,37 @@ class Agent:
         self._registry_url = url
         return url
 
+    async def drain(self, grace_s: float) -> dict[str, Any]:
+        """Take the machine out of rotation: publish phase `draining` at once (the broker stops assigning),
+        give in-flight work `grace_s`, deregister, then stop the services in reverse order. The agent stays up
+        (status, logs) and serves again only after a restart."""
+        if self._stopping:
+            raise AgentError("the agent is stopping")
+        first = not self._draining
+        self._draining = True
+        self._kick_if_phase_changed()
+        if first:
+            log.info("drain requested", grace_s=grace_s)
+            self._on_event({"type": "machine", "event": "drain", "grace_s": grace_s, "at": iso_now()})
+        if self._startup_task is not None and not self._startup_task.done():
+            self._startup_task.cancel()  # a drain during the bootstrap ends the bootstrap: nothing more starts
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._startup_task
+        if self.heartbeat is not None:
+            with contextlib.suppress(RegistryError, TimeoutError):
+                async with asyncio.timeout(LAST_BEAT_TIMEOUT_S):
+                    await self.heartbeat.beat()  # "draining" is in Redis before anything else happens
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._shutdown.wait(), timeout=grace_s)
+        deregistered = False
+        if self.heartbeat is not None:
+            await self.heartbeat.stop(deregister=True)
+            deregistered = True
+        await self.table.stop_all(keep_own=True)
+        stopped = [s["name"] for s in self.table.snapshot() if not s["service"].startswith("emp-")]
+        log.info("drained", stopped=stopped, deregistered=deregistered)
+        return {"phase": self.phase()[0].value, "stopped": stopped, "deregistered": deregistered}
+
     def _publish_live(self, event: dict[str, Any]) -> None:
         if self._api is not None:
             self._api.events.publish(event)
@@ -327,6 +362,7 @@ class Agent:
         failure = self.pipeline.fatal_failure() if self.pipeline else None
         return compute_phase(
             stopping=self._stopping,
+            draining=self._draining,
             fatal_error=f"stage {failure.name} failed: {failure.error}" if failure else self._startup_error,
             pipeline_finished=bool(self.pipeline and self.pipeline.finished),
             degraded=self.ctx.degraded if self.ctx else {},

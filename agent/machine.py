@@ -13,11 +13,13 @@ class Phase(StrEnum):
     DEGRADED = "degraded"  # serving, but something is missing (reasons say what)
     FAILED = "failed"  # a fatal stage failed; nothing will be served until an operator acts
     STOPPING = "stopping"
+    DRAINING = "draining"  # taken out of rotation by an operator: no new work, then services stopped
 
 
 def compute_phase(
     *,
     stopping: bool,
+    draining: bool = False,
     fatal_error: str | None,
     pipeline_finished: bool,
     degraded: dict[str, str],
@@ -27,6 +29,8 @@ def compute_phase(
     """The phase and the reasons behind it (empty when ready)."""
     if stopping:
         return Phase.STOPPING, ["shutting down"]
+    if draining:
+        return Phase.DRAINING, ["drained by an operator (restart the agent to serve again)"]
     if fatal_error is not None:
         return Phase.FAILED, [fatal_error]
     if not pipeline_finished:

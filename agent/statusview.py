@@ -19,6 +19,7 @@ COLOURS = {
     "STOPPED": "2",
     "STOPPING": "33",
     "stopping": "33",
+    "draining": "33",
     "skipped": "2",
     "pending": "2",
 }

@@ -27,6 +27,8 @@ StatusSource = Callable[[], dict[str, Any]]
 ControlSource = Callable[[str, str, int | None], Awaitable[list[dict[str, Any]]]]
 #: instance -> (RSS bytes, CPU seconds) of its process tree.
 UsageSource = Callable[[], Awaitable[dict[str, tuple[int, float]]]]
+#: grace seconds -> what the drain did.
+DrainSource = Callable[[float], Awaitable[dict[str, Any]]]
 
 
 class ControlApi:
@@ -41,11 +43,13 @@ class ControlApi:
         control: ControlSource | None = None,
         usage: UsageSource | None = None,
         tcp: tuple[str, int] | None = None,
+        drain: DrainSource | None = None,
     ) -> None:
         self.socket_path = socket_path
         self._status = status
         self._control = control
         self._usage = usage
+        self._drain = drain
         self._tcp = tcp
         self._runners: list[web.AppRunner] = []
         self.tcp_port: int | None = None
@@ -58,6 +62,8 @@ class ControlApi:
         app.router.add_get("/status", self._status_handler)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/events", self._events)
+        if control and self._drain is not None:
+            app.router.add_post("/drain", self._drain_handler)
         if control and self._control is not None:
             app.router.add_post(
                 "/services/{name}/{action:start|stop|restart|signal|reopen-logs}", self._control_handler
@@ -130,6 +136,20 @@ class ControlApi:
                 except ConnectionResetError:
                     break
             return stream
+
+    async def _drain_handler(self, request: web.Request) -> web.Response:
+        """POST /drain[?timeout=S]: answers when the services are stopped and the record is gone."""
+        assert self._drain is not None
+        try:
+            grace = float(request.query.get("timeout", "0"))
+            if not 0 <= grace <= 86400:
+                raise ValueError
+        except ValueError:
+            return web.json_response({"error": "timeout must be seconds between 0 and 86400"}, status=400)
+        try:
+            return web.json_response(await self._drain(grace))
+        except AgentError as exc:
+            return web.json_response({"error": str(exc)}, status=409)
 
     async def _metrics(self, request: web.Request) -> web.Response:
         from agent.api.metrics import CONTENT_TYPE, render

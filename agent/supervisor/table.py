@@ -179,15 +179,18 @@ class ProcessTable:
             if not ok
         }
 
-    async def stop_all(self) -> None:
+    async def stop_all(self, keep_own: bool = False) -> None:
         """Stop service by service in reverse start order (dependents first); the instances of one service stop
-        in parallel, so shutdown takes one stop timeout per service, not one per instance."""
+        in parallel, so shutdown takes one stop timeout per service, not one per instance. `keep_own` leaves the
+        agent's own `emp-*` instances running (a drain)."""
         for task in self._deferred.values():
             task.cancel()
         self._deferred.clear()
         groups: list[list[ManagedService]] = []
         for name in reversed(self.names()):
             service = self._services[name]
+            if keep_own and service.spec.service.startswith("emp-"):
+                continue
             if groups and groups[-1][0].spec.service == service.spec.service:
                 groups[-1].append(service)
             else:

@@ -570,3 +570,35 @@ async def _kill_and_watch(port: int, pid: int) -> list[dict[str, Any]]:
                 if event.get("type") == "service" and event.get("instance") == "inference-0":
                     seen.append(event)
         return seen
+
+
+@pytest.mark.slow
+def test_drain_publishes_draining_then_deregisters_and_stops_the_services(agent_dirs: Path) -> None:
+    """`emp-agent drain --timeout 1`: Redis sees phase `draining` at once, then the record goes and every
+    service stops (the agent's own registry stays up), the agent keeps answering, and SIGTERM ends it cleanly."""
+    agent = AgentProcess(agent_dirs, REPO / "profiles" / "demo.toml")
+    try:
+        status = agent.wait_phase("ready", "failed")
+        assert "ready" == status["phase"], agent.read_log()
+        store = redis.Redis(
+            unix_socket_path=str(agent_dirs / "state" / "registry" / "redis.sock"), decode_responses=True
+        )
+        key = keys.machine_key(status["machine_id"])
+        drain = subprocess.Popen(
+            [sys.executable, "-m", "agent", "drain", "--timeout", "1"], env=agent.env, stdout=subprocess.PIPE, text=True
+        )
+        wait_until(lambda: store.hget(key, "phase") == "draining", 20, interval=0.02, what="draining in redis")
+        out, _ = drain.communicate(timeout=60)
+        after = agent.status() or {}
+        gone = store.exists(key)
+    finally:
+        code = agent.stop()
+
+    assert 0 == drain.returncode, out
+    assert "drained: 2 instance(s) stopped, deregistered; phase draining\n" == out
+    assert "draining" == after["phase"]
+    assert {"emp-registry": "RUNNING", "model-server-0": "STOPPED", "inference-0": "STOPPED"} == {
+        s["name"]: s["state"] for s in after["services"]
+    }
+    assert 0 == gone
+    assert 0 == code, agent.read_log()

@@ -45,3 +45,12 @@ def test_degraded_lists_every_reason() -> None:
 def test_stopping_wins() -> None:
     """During shutdown the phase is stopping."""
     assert Phase.STOPPING == phase(stopping=True, fatal_error="x")[0]
+
+
+def test_a_drained_machine_says_so_whatever_else_holds() -> None:
+    """After `emp-agent drain` the phase is draining (not ready, not degraded for the stopped services); a
+    shutdown still wins."""
+    assert (Phase.DRAINING, ["drained by an operator (restart the agent to serve again)"]) == phase(
+        draining=True, unhealthy_services={"web-0": "STOPPED"}
+    )
+    assert Phase.STOPPING == phase(draining=True, stopping=True)[0]
