@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +17,7 @@ import pytest
 from agent.api.client import request_json
 from agent.api.server import ControlApi
 from agent.errors import AgentError, AgentNotRunning
+from tests.conftest import FIXTURES, REPO
 from tests.helpers import await_until
 
 
@@ -249,3 +253,34 @@ def test_a_user_outside_the_group_is_refused_by_the_socket(short_tmp: Path) -> N
             await api.stop()
 
     assert f"permission denied on {sock}: run as root or a member of the emp-agent group" == asyncio.run(scenario())
+
+
+def test_cli_status_golden_outputs(short_tmp: Path) -> None:
+    """`emp-agent status` prints exactly the golden table for a fixed status document, `--json` the document
+    itself; both exit 4 because the machine is degraded. (Regenerate the golden file when the table changes on
+    purpose.)"""
+    document = json.loads((FIXTURES / "status" / "degraded.json").read_text())
+    golden = (FIXTURES / "status" / "degraded.txt").read_text()
+    sock = short_tmp / "agent.sock"
+
+    async def scenario() -> list[subprocess.CompletedProcess[str]]:
+        api = ControlApi(sock, lambda: document)
+        await api.start()
+        try:
+            return [
+                await asyncio.to_thread(
+                    subprocess.run,
+                    [sys.executable, "-m", "agent", "status", "--socket", str(sock), *extra],
+                    capture_output=True,
+                    text=True,
+                    cwd=REPO,
+                )
+                for extra in ([], ["--json"])
+            ]
+        finally:
+            await api.stop()
+
+    table, as_json = asyncio.run(scenario())
+
+    assert (4, golden) == (table.returncode, table.stdout)
+    assert (4, document) == (as_json.returncode, json.loads(as_json.stdout))
