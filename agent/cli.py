@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,6 +26,28 @@ if TYPE_CHECKING:
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_PARTIAL = 0, 1, 2, 3, 4
 #: A stop waits for the whole tree to go; stop timeouts of GPU services run to minutes.
 CONTROL_TIMEOUT_S = 900.0
+
+
+def _seconds(highest: float, lowest: float = 0.0) -> Callable[[str], float]:
+    """An argparse type: a finite number of seconds in [lowest, highest]."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+        if not lowest <= value <= highest:  # also false for nan
+            raise argparse.ArgumentTypeError(f"must be seconds between {lowest:g} and {highest:g}")
+        return value
+
+    return parse
+
+
+def _count(text: str) -> int:
+    """An argparse type: a whole number, zero or more."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count (0 or more)")
+    return int(text)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", parents=[common, socket_opt], help="show the running agent's state")
     status.add_argument("--json", action="store_true", help="print the status document as JSON")
     status.add_argument("--watch", action="store_true", help="redraw until interrupted (in place on a terminal)")
-    status.add_argument("--interval", type=float, default=2.0, help="seconds between redraws (default 2)")
+    status.add_argument("--interval", type=_seconds(3600, 0.1), default=2.0, help="seconds between redraws (default 2)")
     for verb, text in (("start", "start"), ("stop", "stop (whole process tree)"), ("restart", "stop, then start")):
         control = sub.add_parser(verb, parents=[common, socket_opt], help=f"{text} instances of the running agent")
         control.add_argument(
@@ -68,10 +90,12 @@ def _parser() -> argparse.ArgumentParser:
         parents=[common, socket_opt],
         help="take this machine out of rotation: phase draining, grace, deregister, stop services",
     )
-    drain.add_argument("--timeout", type=float, default=0.0, help="grace for in-flight work, in seconds (default 0)")
+    drain.add_argument(
+        "--timeout", type=_seconds(86400), default=0.0, help="grace for in-flight work, in seconds (default 0)"
+    )
     logs = sub.add_parser("logs", parents=[common, socket_opt], help="print (and follow) an instance's output log")
     logs.add_argument("names", nargs=1, metavar="NAME", help="an instance, or a service with one instance")
-    logs.add_argument("-n", "--lines", type=int, default=20, help="last lines to print first (default 20)")
+    logs.add_argument("-n", "--lines", type=_count, default=20, help="last lines to print first (default 20)")
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new output, across rotations")
     check = sub.add_parser("check", parents=[common], help="validate settings and profile; start nothing")
     check.add_argument("--profile", help="profile name or path (overrides EMP_AGENT_PROFILE)")
@@ -132,6 +156,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `emp-agent status | head`: the reader is gone, nothing to say
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return EXIT_OK
+    except OSError as exc:
+        if exc.filename is None and exc.errno is not None:  # writing our own output failed (disk full)
+            print(f"error: cannot write the output: {exc.strerror}", file=sys.stderr)
+            return EXIT_FAILED
+        raise
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -163,7 +197,7 @@ def _watch(socket_path: Path, as_json: bool, interval: float) -> int:
             try:
                 _, status = request_json(socket_path, "GET", "/status")
                 frame = json.dumps(status) if as_json else render_status(status, colour=tty)
-            except AgentNotRunning as exc:
+            except AgentError as exc:  # gone, hung or refused: say so and keep watching
                 frame = f"error: {exc}"
             if tty:
                 frame = "\033[H\033[2J" + frame  # home and clear: the table is redrawn in place
@@ -225,6 +259,9 @@ def _logs(args: argparse.Namespace) -> int:
     from agent.logtail import follow, last_lines, write_out
 
     name = args.names[0]
+    if "/" in name or name.startswith(".") or not name:
+        print(f"{name}: ERROR (not an instance name)", file=sys.stderr)
+        return EXIT_USAGE
     socket_path = args.socket or locate_socket(config_path=str(args.config) if args.config else None)
     try:
         _, status = request_json(socket_path, "GET", "/status")

@@ -68,6 +68,7 @@ class Agent:
         self._api: ControlApi | None = None
         self._draining = False
         self._startup_task: asyncio.Task[None] | None = None
+        self._drain_task: asyncio.Task[dict[str, Any]] | None = None
         self.paths = Paths(settings.model_root, settings.state_dir, settings.log_dir)
         self.ledger = ProcessLedger(settings.state_dir / "processes.json")
         self.table = ProcessTable(self._launcher, ledger=self.ledger, respec=self.respec)
@@ -116,7 +117,7 @@ class Agent:
         api = ControlApi(
             self.settings.control_socket,
             self.status,
-            self.table.control,
+            self.control,
             usage=lambda: asyncio.to_thread(self.table.usage),
             drain=self.drain,
             tcp=self.settings.http_address,
@@ -304,33 +305,43 @@ class Agent:
     async def drain(self, grace_s: float) -> dict[str, Any]:
         """Take the machine out of rotation: publish phase `draining` at once (the broker stops assigning),
         give in-flight work `grace_s`, deregister, then stop the services in reverse order. The agent stays up
-        (status, logs) and serves again only after a restart."""
+        (status, logs) and serves again only after a restart. A second drain waits for the first."""
         if self._stopping:
             raise AgentError("the agent is stopping")
-        first = not self._draining
+        if self._drain_task is None:
+            self._drain_task = asyncio.create_task(self._drain(grace_s), name="drain")
+        return await asyncio.shield(self._drain_task)
+
+    async def _drain(self, grace_s: float) -> dict[str, Any]:
         self._draining = True
-        self._kick_if_phase_changed()
-        if first:
-            log.info("drain requested", grace_s=grace_s)
-            self._on_event({"type": "machine", "event": "drain", "grace_s": grace_s, "at": iso_now()})
+        log.info("drain requested", grace_s=grace_s)
+        self._on_event({"type": "machine", "event": "drain", "grace_s": grace_s, "at": iso_now()})
         if self._startup_task is not None and not self._startup_task.done():
             self._startup_task.cancel()  # a drain during the bootstrap ends the bootstrap: nothing more starts
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._startup_task
-        if self.heartbeat is not None:
+        registered = self.heartbeat is not None and self.heartbeat.beats > 0
+        if self.heartbeat is not None and registered:
             with contextlib.suppress(RegistryError, TimeoutError):
                 async with asyncio.timeout(LAST_BEAT_TIMEOUT_S):
                     await self.heartbeat.beat()  # "draining" is in Redis before anything else happens
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._shutdown.wait(), timeout=grace_s)
-        deregistered = False
         if self.heartbeat is not None:
-            await self.heartbeat.stop(deregister=True)
-            deregistered = True
+            await self.heartbeat.stop(deregister=registered)
+        running = [s["name"] for s in self.table.snapshot() if not s["service"].startswith("emp-") and s["pid"]]
         await self.table.stop_all(keep_own=True)
-        stopped = [s["name"] for s in self.table.snapshot() if not s["service"].startswith("emp-")]
-        log.info("drained", stopped=stopped, deregistered=deregistered)
-        return {"phase": self.phase()[0].value, "stopped": stopped, "deregistered": deregistered}
+        log.info("drained", stopped=running, deregistered=registered)
+        return {"phase": self.phase()[0].value, "stopped": running, "deregistered": registered}
+
+    async def control(self, action: str, name: str, sig: int | None = None) -> list[dict[str, Any]]:
+        """The process table's control, except that a drained machine starts nothing."""
+        if self._draining and action in ("start", "restart"):
+            return [
+                {"name": s.spec.name, "ok": False, "error": "the machine is drained; restart the agent to serve"}
+                for s in self.table.resolve(name)
+            ]
+        return await self.table.control(action, name, sig)
 
     def _publish_live(self, event: dict[str, Any]) -> None:
         if self._api is not None:

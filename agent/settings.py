@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from enum import StrEnum
@@ -55,8 +56,7 @@ class Settings(BaseSettings):
     )
     http_listen: str | None = Field(
         default=None,
-        pattern=r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}$",
-        description="host:port for a read-only HTTP listener (/healthz /readyz /status /metrics); unset: none.",
+        description="host:port for a read-only HTTP listener (/healthz /readyz /status /metrics /events); unset: none.",
     )
     heartbeat_interval_s: float = Field(default=10.0, gt=0.05, le=600, description="Seconds between beats.")
     gpu_probe_timeout_s: float = Field(default=20.0, gt=0, le=600, description="Deadline of one NVML probe.")
@@ -94,6 +94,18 @@ class Settings(BaseSettings):
             parts.port  # noqa: B018 - parsing the port is the check
         except ValueError:
             raise ValueError("the port is not a number (is a '/' or '@' in the password not %-encoded?)") from None
+        return value
+
+    @field_validator("http_listen")
+    @classmethod
+    def _host_and_port(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        match = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|(?:[A-Za-z0-9-]{1,63}\.)*[A-Za-z0-9-]{1,63})[:]([0-9]{1,5})", value)
+        if match is None:
+            raise ValueError("must be host:port, e.g. 127.0.0.1:9090 or [::1]:9090")
+        if not 1 <= int(match.group(2)) <= 65535:
+            raise ValueError("the port must be between 1 and 65535")
         return value
 
     @model_validator(mode="after")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -97,6 +98,12 @@ class Pipeline:
             started = self._monotonic()
             try:
                 detail = await stage.run(ctx)
+            except asyncio.CancelledError:  # shutdown or drain: the journal must not say "running" forever
+                record.duration_s = round(self._monotonic() - started, 3)
+                self._set(record, StageState.FAILED, error="cancelled: the agent is stopping or was drained")
+                for later in self.records[self.records.index(record) + 1 :]:
+                    self._set(later, StageState.SKIPPED, detail="skipped: the bootstrap was cancelled")
+                raise
             except Exception as exc:  # every failure is recorded; a bug in a stage must not hang the boot
                 if isinstance(exc, StageFailed):
                     reason = exc.reason

@@ -575,7 +575,8 @@ async def _kill_and_watch(port: int, pid: int) -> list[dict[str, Any]]:
 @pytest.mark.slow
 def test_drain_publishes_draining_then_deregisters_and_stops_the_services(agent_dirs: Path) -> None:
     """`emp-agent drain --timeout 1`: Redis sees phase `draining` at once, then the record goes and every
-    service stops (the agent's own registry stays up), the agent keeps answering, and SIGTERM ends it cleanly."""
+    service stops (the agent's own registry stays up), the agent keeps answering; a second drain writes nothing,
+    a restart is refused, and SIGTERM ends it cleanly."""
     agent = AgentProcess(agent_dirs, REPO / "profiles" / "demo.toml")
     try:
         status = agent.wait_phase("ready", "failed")
@@ -591,6 +592,9 @@ def test_drain_publishes_draining_then_deregisters_and_stops_the_services(agent_
         out, _ = drain.communicate(timeout=60)
         after = agent.status() or {}
         gone = store.exists(key)
+        again = agent.cli("drain", "--timeout", "5")  # answers with the first drain's result, writes nothing
+        still_gone = store.exists(key)
+        refused = agent.cli("restart", "inference-0")
     finally:
         code = agent.stop()
 
@@ -601,4 +605,9 @@ def test_drain_publishes_draining_then_deregisters_and_stops_the_services(agent_
         s["name"]: s["state"] for s in after["services"]
     }
     assert 0 == gone
+    assert (0, out, 0) == (again.returncode, again.stdout, still_gone)
+    assert (1, "inference-0: ERROR (the machine is drained; restart the agent to serve)\n") == (
+        refused.returncode,
+        refused.stdout,
+    )
     assert 0 == code, agent.read_log()

@@ -33,6 +33,8 @@ def test_bash_completes_commands_options_and_targets() -> None:
     assert ["--follow", "--lines"] == [o for o in complete(["emp-agent", "logs", "--"]) if o in ("--follow", "--lines")]
     assert "--watch" in complete(["emp-agent", "status", "--"])
     assert ["all"] == complete(["emp-agent", "restart", "a"])
+    assert ["-f", "-n"] == [o for o in complete(["emp-agent", "logs", "-"]) if o in ("-f", "-n")]
+    assert ["USR1", "USR2"] == complete(["emp-agent", "signal", "web-0", "US"])
     assert ["bash"] == complete(["emp-agent", "completion", "b"])
 
 
@@ -44,4 +46,4 @@ def test_zsh_script_names_every_command() -> None:
 
     assert script.startswith("#compdef emp-agent")
     for command in ("run", "status", "logs", "pull", "check", "detect", "completion"):
-        assert f"    {command}) opts=(" in script
+        assert f"      {command}) opts=(" in script

@@ -103,3 +103,21 @@ def test_model_endpoints_may_be_mirrors_under_a_path(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("EMP_AGENT_HF_ENDPOINT", "https://mirror.example.com/hf?x=1")
     with pytest.raises(ConfigError, match="EMP_AGENT_HF_ENDPOINT"):
         load_settings(None)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("127.0.0.1:99999", "the port must be between 1 and 65535"),
+        ("...:9090", "must be host:port"),
+        ("127.0.0.1", "must be host:port"),
+    ],
+)
+def test_http_listen_is_checked_before_anything_starts(
+    monkeypatch: pytest.MonkeyPatch, value: str, message: str
+) -> None:
+    """A bad listener address is a settings error naming the variable, not a crash at bind time."""
+    monkeypatch.setenv("EMP_AGENT_HTTP_LISTEN", value)
+
+    with pytest.raises(ConfigError, match=f"EMP_AGENT_HTTP_LISTEN: {message}"):
+        load_settings(None)
