@@ -8,6 +8,8 @@ import ssl
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import urljoin, urlsplit
@@ -193,10 +195,24 @@ def http_error(reply: Reply) -> ModelPullError:
     hint = {401: " (missing or wrong token?)", 403: " (forbidden: token, gated model or expired link?)"}.get(status, "")
     message = f"{redact_source(reply.url)}: HTTP {status}{hint}"
     if status in (408, 425, 429) or status >= 500:
-        retry_after = reply.header("retry-after")
-        seconds = float(retry_after) if retry_after and retry_after.strip().isdigit() else None
-        return TransientPullError(message, retry_after_s=seconds)
+        return TransientPullError(message, retry_after_s=retry_after_seconds(reply.header("retry-after")))
     return ModelPullError(message)
+
+
+def retry_after_seconds(value: str | None, now: datetime | None = None) -> float | None:
+    """Retry-After as seconds: a number of seconds, or an HTTP date (RFC 9110); None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
 
 
 def _first_line(exc: BaseException) -> str:

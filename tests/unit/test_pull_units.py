@@ -131,3 +131,17 @@ def test_body_reads_are_one_mebibyte() -> None:
     HttpTransport().close()
 
     assert READ_BYTES == httpcore._sync.http11.HTTP11Connection.READ_NUM_BYTES
+
+
+def test_retry_after_as_seconds_or_as_an_http_date() -> None:
+    """Both forms of Retry-After become seconds to wait; garbage is ignored (the backoff applies)."""
+    from datetime import UTC, datetime
+
+    from agent.host.download import retry_after_seconds
+
+    now = datetime(2026, 12, 3, 12, 0, 0, tzinfo=UTC)
+    assert 120.0 == retry_after_seconds("120", now)
+    assert 30.0 == retry_after_seconds("Thu, 03 Dec 2026 12:00:30 GMT", now)
+    assert 0.0 == retry_after_seconds("Thu, 03 Dec 2026 11:00:00 GMT", now)
+    assert None is retry_after_seconds("soon", now)
+    assert None is retry_after_seconds(None, now)
