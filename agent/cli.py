@@ -168,11 +168,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
 
 
+def _socket(args: argparse.Namespace) -> Path:
+    """The control socket: --socket, else found like the settings would find it (without importing them)."""
+    from agent.api.client import locate_socket
+
+    path: Path = args.socket or locate_socket(config_path=str(args.config) if args.config else None)
+    return path
+
+
 def _status(args: argparse.Namespace) -> int:
-    from agent.api.client import locate_socket, request_json
+    from agent.api.client import request_json
     from agent.statusview import render_status
 
-    socket_path = args.socket or locate_socket(config_path=str(args.config) if args.config else None)
+    socket_path = _socket(args)
     if args.watch:
         return _watch(socket_path, args.json, max(0.1, args.interval))
     _, status = request_json(socket_path, "GET", "/status")
@@ -210,9 +218,9 @@ def _watch(socket_path: Path, as_json: bool, interval: float) -> int:
 def _control(args: argparse.Namespace) -> int:
     from urllib.parse import quote
 
-    from agent.api.client import locate_socket, request_json
+    from agent.api.client import request_json
 
-    socket_path = args.socket or locate_socket(config_path=str(args.config) if args.config else None)
+    socket_path = _socket(args)
     done = {
         "start": "started",
         "stop": "stopped",
@@ -239,9 +247,9 @@ def _control(args: argparse.Namespace) -> int:
 
 
 def _drain(args: argparse.Namespace) -> int:
-    from agent.api.client import locate_socket, request_json
+    from agent.api.client import request_json
 
-    socket_path = args.socket or locate_socket(config_path=str(args.config) if args.config else None)
+    socket_path = _socket(args)
     code, body = request_json(
         socket_path, "POST", f"/drain?timeout={args.timeout}", timeout=args.timeout + CONTROL_TIMEOUT_S
     )
@@ -255,14 +263,14 @@ def _drain(args: argparse.Namespace) -> int:
 
 def _logs(args: argparse.Namespace) -> int:
     """Ask the running agent where the instance's log is; without an agent, look in the configured log_dir."""
-    from agent.api.client import locate_socket, request_json
+    from agent.api.client import request_json
     from agent.logtail import follow, last_lines, write_out
 
     name = args.names[0]
     if "/" in name or name.startswith(".") or not name:
         print(f"{name}: ERROR (not an instance name)", file=sys.stderr)
         return EXIT_USAGE
-    socket_path = args.socket or locate_socket(config_path=str(args.config) if args.config else None)
+    socket_path = _socket(args)
     try:
         _, status = request_json(socket_path, "GET", "/status")
     except AgentNotRunning:

@@ -12,6 +12,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Self
 from urllib.parse import urlsplit
 
 from tenacity import (
@@ -138,29 +139,46 @@ def probe(transport: Transport, source: Source, limits: ConnectionLimits, expect
     return Remote(final, validator, ranges)
 
 
-def retry_wait(backoff: Callable[[RetryCallState], float], state: RetryCallState) -> float:
-    """Exponential with jitter; at least what the server asked for in Retry-After (capped at 5 minutes)."""
-    wait = backoff(state)
-    exc = state.outcome.exception() if state.outcome else None
-    asked = getattr(exc, "retry_after_s", None)
-    return max(wait, min(float(asked), RETRY_AFTER_CAP_S)) if asked is not None else wait
+class _Waits:
+    """The waits between tries of one item: exponential with jitter, at least what the server asked for in
+    Retry-After (capped at 5 minutes), cut short by the agent stopping."""
+
+    def __init__(self, config: TransferConfig, cancel: threading.Event, shown: str) -> None:
+        self._backoff = wait_exponential_jitter(multiplier=config.retry_wait_s, max=30, jitter=config.retry_wait_s)
+        self._cancel = cancel
+        self._shown = shown
+
+    def wait(self, state: RetryCallState) -> float:
+        """Seconds before the next try."""
+        wait = self._backoff(state)
+        exc = state.outcome.exception() if state.outcome else None
+        asked = getattr(exc, "retry_after_s", None)
+        return max(wait, min(float(asked), RETRY_AFTER_CAP_S)) if asked is not None else wait
+
+    def sleep(self, seconds: float) -> None:
+        """Tenacity's sleep, interrupted by cancellation."""
+        if self._cancel.wait(seconds):
+            self.raise_cancelled()
+
+    def check(self) -> None:
+        """Raise PullCancelled when the agent is stopping."""
+        if self._cancel.is_set():
+            self.raise_cancelled()
+
+    def raise_cancelled(self) -> None:
+        raise PullCancelled(f"{self._shown}: cancelled (the agent is stopping)")
 
 
 def probe_with_retries(
     transport: Transport, source: Source, limits: ConnectionLimits, config: TransferConfig, cancel: threading.Event
 ) -> Remote:
     """`probe` under the transfer's retry rules (503, 429 with Retry-After, resets), for the plan's size lookups."""
-    backoff = wait_exponential_jitter(multiplier=config.retry_wait_s, max=30, jitter=config.retry_wait_s)
-
-    def sleep(seconds: float) -> None:
-        if cancel.wait(seconds):
-            raise PullCancelled(f"{source.shown}: cancelled (the agent is stopping)")
-
+    waits = _Waits(config, cancel, source.shown)
     retrying = Retrying(
         stop=stop_after_attempt(config.attempts),
-        wait=lambda state: retry_wait(backoff, state),
+        wait=waits.wait,
         retry=retry_if_exception_type(TransientPullError),
-        sleep=sleep,
+        sleep=waits.sleep,
         reraise=True,
     )
     for attempt in retrying:
@@ -169,26 +187,44 @@ def probe_with_retries(
     raise AssertionError("unreachable")
 
 
-class Hasher:
-    """sha256 of the partial file's contiguous prefix, computed in a thread as the prefix grows (hashlib releases
-    the GIL, so it overlaps with the network on a second core); starts over when the partial is discarded."""
+class _Follower:
+    """A daemon thread that follows a partial file while bytes arrive, for the length of a `with` block."""
+
+    thread_name = "emp-pull-follow"
 
     def __init__(self, partial: Partial) -> None:
         self._partial = partial
-        self._digest = hashlib.sha256()
-        self._hashed = 0
-        self._generation = partial.generation
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._follow, name="emp-pull-hash", daemon=True)
-        self._buffer = bytearray(HASH_CHUNK)
+        self._thread = threading.Thread(target=self._follow, name=self.thread_name, daemon=True)
 
-    def __enter__(self) -> Hasher:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._halt()
+
+    def _halt(self) -> None:
         self._stop.set()
-        self._thread.join()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _follow(self) -> None:
+        raise NotImplementedError
+
+
+class Hasher(_Follower):
+    """sha256 of the partial file's contiguous prefix, computed in a thread as the prefix grows (hashlib releases
+    the GIL, so it overlaps with the network on a second core); starts over when the partial is discarded."""
+
+    thread_name = "emp-pull-hash"
+
+    def __init__(self, partial: Partial) -> None:
+        super().__init__(partial)
+        self._digest = hashlib.sha256()
+        self._hashed = 0
+        self._generation = partial.generation
+        self._buffer = bytearray(HASH_CHUNK)
 
     def _follow(self) -> None:
         while not self._stop.is_set():
@@ -208,29 +244,17 @@ class Hasher:
 
     def finish(self, size: int) -> str:
         """Stop following and hash what is left; the hex digest of the first `size` bytes."""
-        self._stop.set()
-        self._thread.join()
+        self._halt()
         self._advance(size)
         return self._digest.hexdigest()
 
 
-class Flusher:
+class Flusher(_Follower):
     """Writes the part file back to disk while bytes still arrive (fdatasync every SYNC_STEP bytes, in its own
     thread), so the fsync before publication has only the tail left and the page cache never holds gigabytes of
     dirty data."""
 
-    def __init__(self, partial: Partial) -> None:
-        self._partial = partial
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._follow, name="emp-pull-flush", daemon=True)
-
-    def __enter__(self) -> Flusher:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+    thread_name = "emp-pull-flush"
 
     def _follow(self) -> None:
         synced = self._partial.covered()
@@ -269,7 +293,7 @@ class Transfer:
         self._on_retry = on_retry
         self._monotonic = monotonic
         self._started = monotonic()
-        self._backoff = wait_exponential_jitter(multiplier=config.retry_wait_s, max=30, jitter=config.retry_wait_s)
+        self._waits = _Waits(config, cancel, source.shown)
         self._failures = 0
         self._covered_at_failure = -1
         self.resumed_bytes = 0
@@ -280,9 +304,9 @@ class Transfer:
         with Hasher(self._partial) as hasher, Flusher(self._partial):
             retrying = Retrying(
                 stop=self._should_stop,
-                wait=self._wait,
+                wait=self._waits.wait,
                 retry=retry_if_exception_type(TransientPullError),
-                sleep=self._sleep,
+                sleep=self._waits.sleep,
                 before_sleep=self._before_sleep,
                 reraise=True,
             )
@@ -458,8 +482,7 @@ class Transfer:
             raise ModelPullError(f"{path}: {exc.strerror or exc}") from None
 
     def _check_cancel(self) -> None:
-        if self._cancel.is_set():
-            raise PullCancelled(f"{self._source.shown}: cancelled (the agent is stopping)")
+        self._waits.check()
 
     def _should_stop(self, state: RetryCallState) -> bool:
         """Give up after `attempts` failures in a row without new bytes, or past the item's deadline."""
@@ -468,13 +491,6 @@ class Transfer:
         self._covered_at_failure = covered
         return self._failures >= self._config.attempts or self._monotonic() - self._started > self._config.deadline_s
 
-    def _wait(self, state: RetryCallState) -> float:
-        return retry_wait(self._backoff, state)
-
     def _before_sleep(self, state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
         self._on_retry(str(exc), state.attempt_number)
-
-    def _sleep(self, seconds: float) -> None:
-        if self._cancel.wait(seconds):
-            raise PullCancelled(f"{self._source.shown}: cancelled (the agent is stopping)")
