@@ -348,7 +348,7 @@ def _detect(args: argparse.Namespace) -> int:
     import asyncio
 
     from agent.host.facts import read_host_facts
-    from agent.host.gpu import NvmlProbe
+    from agent.host.nvml import NvmlProbe
 
     settings, _ = _load(args, need_profile=False)
     report = asyncio.run(NvmlProbe(settings.gpu_probe_timeout_s).probe())

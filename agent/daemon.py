@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import json
 import os
 import signal
 import time
@@ -17,14 +15,19 @@ import structlog
 from agent import __version__
 from agent.api.server import ControlApi
 from agent.bootstrap.context import BootstrapContext
+from agent.bootstrap.detect import gpu_problems
 from agent.bootstrap.pipeline import Pipeline, Stage
 from agent.bootstrap.stages import default_stages
+from agent.capabilities import caps_hash, dynamic_record, offered, static_record
 from agent.errors import AgentError, ConfigError, Problem, RegistryError
+from agent.gpuwatch import GpuWatch
 from agent.host.download import HttpTransport
-from agent.host.gpu import GpuProbe, NvmlProbe
+from agent.host.facts import read_host_facts
+from agent.host.gpu import GpuProbe, GpuReport
 from agent.host.launcher import Launcher, ProcessLauncher
 from agent.host.lock import DirectoryLock
 from agent.host.notify import Notifier
+from agent.host.nvml import NvmlProbe
 from agent.identity import boot_id, instance_id, machine_id
 from agent.machine import Phase, compute_phase
 from agent.profile import Profile, load_profile
@@ -226,6 +229,36 @@ class Agent:
         phase, reasons = self.phase()
         log.info("bootstrap finished", phase=phase.value, reasons=reasons)
         self._kick_if_phase_changed()
+        await self._watch_gpus(self.ctx)
+
+    async def _watch_gpus(self, ctx: BootstrapContext) -> None:
+        """After the bootstrap, probe the GPUs every gpu_reprobe_interval_s until shutdown (a CPU-only host and
+        an interval of 0 skip it)."""
+        if ctx.gpus is None or not self.settings.gpu_reprobe_interval_s:
+            return
+        watch = GpuWatch(
+            ctx.gpu_probe,
+            ctx.gpus,
+            self._environ.get("CUDA_VISIBLE_DEVICES"),
+            self.profile.gpu.select,
+            lambda report, changes: self.apply_gpus(ctx, report, changes),
+        )
+        if watch.needed:
+            await watch.run(self.settings.gpu_reprobe_interval_s)
+
+    def apply_gpus(self, ctx: BootstrapContext, report: GpuReport, changes: list[dict[str, Any]]) -> None:
+        """A new GPU report: fresh readings and host figures, degraded reasons recomputed, one event per health
+        change, and the record published soon when anything the broker matches on moved."""
+        ctx.gpus = report
+        with contextlib.suppress(OSError):
+            ctx.host = read_host_facts(self.settings.model_root)
+        for key in [k for k in ctx.degraded if k == "gpu" or k.startswith("gpu ")]:
+            del ctx.degraded[key]
+        ctx.degraded.update(gpu_problems(report, self.profile.gpu))
+        for change in changes:
+            self._on_event({**change, "at": iso_now()})
+        if changes and self.heartbeat is not None:
+            self.heartbeat.kick()
 
     def handle_exit(self, sig: int) -> None:
         """Signal handler: the first signal asks for an ordered shutdown, the second forces it."""
@@ -361,7 +394,8 @@ class Agent:
         profile = load_profile(self.profile.source, self.settings.profiles_dir)
         gpus = self.ctx.gpus.gpus if self.ctx and self.ctx.gpus else []
         ports = {n: self.table.get(n).spec.port for n in self.table.names()}
-        for spec in expand(profile, gpus, self.paths, self.machine_id, self._environ, keep_ports=ports):
+        facts = self.ctx.slot_facts() if self.ctx else None
+        for spec in expand(profile, gpus, self.paths, self.machine_id, self._environ, keep_ports=ports, facts=facts):
             if spec.name == name:
                 return spec
         raise ConfigError([Problem(profile.source, "services", f"instance {name} is no longer in the profile")])
@@ -382,40 +416,37 @@ class Agent:
         )
 
     def capabilities(self, snapshot: list[dict[str, Any]]) -> dict[str, Any]:
-        """The static capability record: host, GPUs, services with job-facing names, verified models."""
+        """The static capability record (docs/capabilities.md): host, GPUs, slots that can take jobs, models."""
         ctx = self.ctx
-        services = [
-            {
-                "name": s["name"],
-                "service": s["service"],
-                "capabilities": s["capabilities"],
-                "port": s["port"],
-                "gpu": s["gpu"],
-            }
+        slots = [
+            {k: s[k] for k in ("name", "service", "capabilities", "port", "gpu")}
             for s in snapshot
             if s["service"] != embedded.SERVICE_NAME
         ]
-        models = [
-            {"name": m.name, "dest": m.dest, "sha256": m.sha256, "size": m.size}
-            for m in (ctx.model_status.values() if ctx else [])
-            if m.in_place
-        ]
-        return {
-            "agent_version": __version__,
-            "profile": self.profile.name,
-            "host": ctx.host.to_dict() if ctx and ctx.host else None,
-            "gpu": ctx.gpus.to_dict() if ctx and ctx.gpus else None,
-            "services": services,
-            "models": models,
-        }
+        models = [m.to_dict() for m in (ctx.model_status.values() if ctx else []) if m.in_place]
+        return static_record(
+            agent_version=__version__,
+            profile=self.profile.name,
+            host=ctx.host if ctx else None,
+            gpus=ctx.gpus if ctx else None,
+            slots=slots,
+            models=models,
+        )
 
     def record(self) -> dict[str, Any]:
         """The machine record written to Redis at every heartbeat."""
         phase, reasons = self.phase()
         snapshot = self.table.snapshot()  # reads each instance's log state file: once per beat, not twice
         caps = self.capabilities(snapshot)
-        caps_hash = hashlib.sha256(json.dumps(caps, sort_keys=True).encode()).hexdigest()[:16]
-        running = sorted({name for s in snapshot if s["state"] == "RUNNING" for name in s["capabilities"]})
+        gpus = self.ctx.gpus if self.ctx else None
+        running = sorted(
+            {
+                name
+                for s in snapshot
+                if s["state"] == "RUNNING" and offered(s["gpu"], gpus)
+                for name in s["capabilities"]
+            }
+        )
         return {
             "schema": "1",
             "machine_id": self.machine_id,
@@ -427,7 +458,8 @@ class Agent:
             "reasons": reasons,
             "started_at": self.started_at,
             "capabilities": caps,
-            "caps_hash": caps_hash,
+            "caps_hash": caps_hash(caps),
+            "dynamic": dynamic_record(self.ctx.host if self.ctx else None, gpus),
             "services_ready": running,
         }
 

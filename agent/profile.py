@@ -286,8 +286,16 @@ class PrepareStep(_Frozen):
 class GpuRequirement(_Frozen):
     """What the host must have for this profile to be fully served."""
 
-    min_count: int = Field(default=0, ge=0)
-    min_memory_mib: int = Field(default=0, ge=0)
+    min_count: int = Field(default=0, ge=0, description="GPUs the host must have (healthy, matching the rest).")
+    min_memory_mib: int = Field(default=0, ge=0, description="Memory each of those GPUs must have.")
+    product: str | None = Field(
+        default=None, min_length=1, description='Shell-style pattern the product name must match, e.g. "*H100*".'
+    )
+    select: list[str] = Field(
+        default_factory=list,
+        description="Only these GPUs (NVML indexes or UUIDs) are this agent's; empty: all that CUDA_VISIBLE_DEVICES "
+        "allows.",
+    )
 
 
 class Profile(_Frozen):

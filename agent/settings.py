@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from agent.errors import ConfigError, Problem
@@ -30,6 +30,52 @@ class LogFormat(StrEnum):
     AUTO = "auto"
     JSON = "json"
     CONSOLE = "console"
+
+
+class CustomerIsolation(StrEnum):
+    """How a worker separates customers, in the original job matcher's terms."""
+
+    STRICT = "strict"
+    LOOSE = "loose"
+    NONE = "none"
+
+
+class Location(BaseModel):
+    """Where the machine is, for jobs with data-residency needs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    region: str
+    country: str | None = None
+    compliance_zones: list[str] = Field(default_factory=list)
+    data_residency_requirements: list[str] = Field(default_factory=list)
+
+
+class Cost(BaseModel):
+    """What a job on this machine costs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tier: str
+    rate_per_hour: float | None = Field(default=None, ge=0)
+    rate_per_job: float | None = Field(default=None, ge=0)
+    minimum_charge: float | None = Field(default=None, ge=0)
+
+
+class Matching(BaseModel):
+    """What each slot's capabilities file tells the job matcher beyond the hardware (the `[matching]` table)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    customer_isolation: CustomerIsolation = CustomerIsolation.LOOSE
+    allowed_customers: list[str] = Field(default_factory=list)
+    denied_customers: list[str] = Field(default_factory=list)
+    max_concurrent_customers: int = Field(default=10, ge=1)
+    concurrent_jobs: int = Field(default=1, ge=1)
+    quality_levels: list[str] = Field(default_factory=lambda: ["fast", "balanced", "quality"])
+    max_processing_time_minutes: int = Field(default=60, ge=1)
+    location: Location | None = None
+    cost: Cost | None = None
 
 
 class Settings(BaseSettings):
@@ -60,6 +106,10 @@ class Settings(BaseSettings):
     )
     heartbeat_interval_s: float = Field(default=10.0, gt=0.05, le=600, description="Seconds between beats.")
     gpu_probe_timeout_s: float = Field(default=20.0, gt=0, le=600, description="Deadline of one NVML probe.")
+    gpu_reprobe_interval_s: float = Field(
+        default=60.0, ge=0, le=86400, description="Seconds between GPU health and usage probes; 0 turns them off."
+    )
+    matching: Matching = Field(default_factory=Matching, description="Job-matcher facts for the slot files.")
     ca_bundle: Path | None = Field(default=None, description="Extra CA bundle (PEM) for model downloads.")
     pull_files: int = Field(default=4, ge=1, le=64, description="Model files downloaded at once.")
     pull_connections: int = Field(default=16, ge=1, le=256, description="HTTP connections of a pull, in all.")

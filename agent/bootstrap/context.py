@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from agent import __version__
+from agent.capabilities import SlotFacts
 from agent.host.facts import HostFacts
 from agent.host.gpu import GpuProbe, GpuReport
 from agent.profile import Profile
@@ -43,3 +45,8 @@ class BootstrapContext:
     model_status: dict[str, ModelStatus] = field(default_factory=dict)
     service_names: list[str] = field(default_factory=list)
     degraded: dict[str, str] = field(default_factory=dict)
+
+    def slot_facts(self) -> SlotFacts:
+        """What each slot's capabilities file shares, as known now (after detect and pull_models)."""
+        models = tuple(sorted(m.name for m in self.model_status.values() if m.in_place))
+        return SlotFacts(self.machine_id, __version__, self.host, models, self.settings.matching)

@@ -22,7 +22,15 @@ class StartServices:
         survivors = {n: s for n in (ledger.names() if ledger else []) if ledger and (s := ledger.survivor(n))}
         keep_ports = {name: s.port for name, s in survivors.items() if s.port is not None}
         try:
-            instances = expand(ctx.profile, gpus, ctx.paths, ctx.machine_id, ctx.agent_env, keep_ports=keep_ports)
+            instances = expand(
+                ctx.profile,
+                gpus,
+                ctx.paths,
+                ctx.machine_id,
+                ctx.agent_env,
+                keep_ports=keep_ports,
+                facts=ctx.slot_facts(),
+            )
         except OSError as exc:
             raise StageFailed(self.name, f"cannot allocate ports: {exc.strerror or exc}") from None
         adopt = {

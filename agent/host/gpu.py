@@ -1,18 +1,11 @@
-"""GPU inventory through NVML, read in a child process with a deadline so a hung driver cannot freeze us."""
+"""The GPU report: what the host's GPUs are (static) and how they are doing (dynamic), with health and visibility."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import json
-import sys
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+import fnmatch
+from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
-from typing import Any, Protocol, TypeVar
-
-MIB = 1024 * 1024
-T = TypeVar("T")
+from typing import Any, Protocol
 
 
 class GpuState(StrEnum):
@@ -24,21 +17,137 @@ class GpuState(StrEnum):
     TIMEOUT = "timeout"  # the probe did not finish within its deadline
 
 
+class GpuHealth(StrEnum):
+    """Whether a GPU may be offered to jobs."""
+
+    HEALTHY = "healthy"
+    UNHEALTHY = "unhealthy"  # uncorrectable ECC errors, a pending page retirement or row remap, a remap failure
+    LOST = "lost"  # NVML reports it lost (fallen off the bus, Xid 79) or it vanished since the last probe
+
+
+@dataclass(frozen=True)
+class MigDevice:
+    """One MIG instance: a child of its GPU with its own UUID, schedulable on its own."""
+
+    index: int
+    uuid: str
+    gpu_instance_id: int | None = None
+    compute_instance_id: int | None = None
+    memory_total_mib: int | None = None
+    memory_used_mib: int | None = None
+    sm_count: int | None = None
+    errors: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Ecc:
+    """ECC mode and memory error counters; None where the GPU does not support the counter."""
+
+    enabled: bool | None = None
+    uncorrected_volatile: int | None = None
+    corrected_volatile: int | None = None
+    uncorrected_aggregate: int | None = None
+    retired_pages_pending: bool | None = None
+    remapped_rows_uncorrectable: int | None = None
+    remapped_rows_pending: bool | None = None
+    remapped_rows_failure: bool | None = None
+
+
+@dataclass(frozen=True)
+class GpuProcess:
+    """A process holding memory on a GPU (None: NVML could not attribute memory, e.g. inside a container)."""
+
+    pid: int
+    used_memory_mib: int | None
+
+
+#: Fields that describe what a GPU is; everything else is a reading that changes from probe to probe.
+STATIC_FIELDS = (
+    "index",
+    "uuid",
+    "name",
+    "architecture",
+    "pci_bus_id",
+    "memory_total_mib",
+    "compute_capability",
+    "power_limit_w",
+    "persistence_mode",
+    "mig_enabled",
+    "health",
+    "health_reasons",
+)
+
+
 @dataclass(frozen=True)
 class GpuInfo:
     """One GPU as NVML reports it; a field NVML cannot give is None with the reason in `errors`."""
 
     index: int
-    uuid: str
+    uuid: str | None  # None only for a GPU NVML lost before it could name it
     name: str | None = None
+    architecture: str | None = None
     pci_bus_id: str | None = None
     memory_total_mib: int | None = None
+    memory_used_mib: int | None = None
     memory_free_mib: int | None = None
     compute_capability: str | None = None
     power_limit_w: float | None = None
+    power_draw_w: float | None = None
     temperature_c: int | None = None
+    utilization_gpu_pct: int | None = None
+    utilization_memory_pct: int | None = None
     persistence_mode: bool | None = None
+    mig_enabled: bool | None = None
+    mig_devices: list[MigDevice] = field(default_factory=list)
+    ecc: Ecc = field(default_factory=Ecc)
+    processes: list[GpuProcess] | None = None
+    health: GpuHealth = GpuHealth.HEALTHY
+    health_reasons: list[str] = field(default_factory=list)
     errors: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def healthy(self) -> bool:
+        """May jobs be placed on it."""
+        return self.health is GpuHealth.HEALTHY
+
+    def static(self) -> dict[str, Any]:
+        """What the GPU is: hashed into the capability record, so no reading that moves."""
+        data = {name: _plain(getattr(self, name)) for name in STATIC_FIELDS}
+        data["ecc_enabled"] = self.ecc.enabled
+        data["mig_devices"] = [
+            {k: v for k, v in asdict(m).items() if k not in ("memory_used_mib", "errors")} for m in self.mig_devices
+        ]
+        return data
+
+    def dynamic(self) -> dict[str, Any]:
+        """The readings sent with each heartbeat."""
+        return {
+            "memory_free_mib": self.memory_free_mib,
+            "memory_used_mib": self.memory_used_mib,
+            "utilization_gpu_pct": self.utilization_gpu_pct,
+            "temperature_c": self.temperature_c,
+            "power_draw_w": self.power_draw_w,
+            "health": self.health.value,
+            "processes": len(self.processes) if self.processes is not None else None,
+        }
+
+
+def _plain(value: Any) -> Any:
+    return value.value if isinstance(value, StrEnum) else value
+
+
+def assess(ecc: Ecc) -> tuple[GpuHealth, list[str]]:
+    """Health from the memory error state, with the operator-facing reasons."""
+    reasons = []
+    if ecc.uncorrected_volatile:
+        reasons.append(f"{ecc.uncorrected_volatile} uncorrectable ECC error(s) since the last driver load")
+    if ecc.retired_pages_pending:
+        reasons.append("a memory page retirement is pending: reset the GPU or reboot")
+    if ecc.remapped_rows_pending:
+        reasons.append("a memory row remap is pending: reset the GPU or reboot")
+    if ecc.remapped_rows_failure:
+        reasons.append("memory row remapping failed: the GPU needs service")
+    return (GpuHealth.UNHEALTHY if reasons else GpuHealth.HEALTHY), reasons
 
 
 @dataclass(frozen=True)
@@ -50,23 +159,50 @@ class GpuReport:
     driver_version: str | None = None
     cuda_driver_version: str | None = None
     gpus: list[GpuInfo] = field(default_factory=list)
+    #: GPUs NVML sees but this agent may not use (CUDA_VISIBLE_DEVICES or the profile's selection), by index.
+    hidden: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready form."""
         data = asdict(self)
         data["state"] = self.state.value
+        for gpu in data["gpus"]:
+            gpu["health"] = _plain(gpu["health"])
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GpuReport:
         """Inverse of to_dict."""
+        gpus = []
+        for raw in data.get("gpus", []):
+            raw = dict(raw)
+            raw["mig_devices"] = [MigDevice(**m) for m in raw.get("mig_devices", [])]
+            raw["ecc"] = Ecc(**raw.get("ecc", {}))
+            if raw.get("processes") is not None:
+                raw["processes"] = [GpuProcess(**p) for p in raw["processes"]]
+            raw["health"] = GpuHealth(raw.get("health", GpuHealth.HEALTHY))
+            gpus.append(GpuInfo(**raw))
         return cls(
             state=GpuState(data["state"]),
             message=data.get("message", ""),
             driver_version=data.get("driver_version"),
             cuda_driver_version=data.get("cuda_driver_version"),
-            gpus=[GpuInfo(**gpu) for gpu in data.get("gpus", [])],
+            gpus=gpus,
+            hidden=list(data.get("hidden", [])),
         )
+
+    def static(self) -> dict[str, Any]:
+        """The part of the report that belongs in the hashed capability record."""
+        return {
+            "state": self.state.value,
+            "driver_version": self.driver_version,
+            "cuda_driver_version": self.cuda_driver_version,
+            "gpus": [g.static() for g in self.gpus],
+        }
+
+    def dynamic(self) -> dict[str, dict[str, Any]]:
+        """Per-GPU readings keyed by UUID, for the heartbeat."""
+        return {g.uuid: g.dynamic() for g in self.gpus if g.uuid}
 
 
 class GpuProbe(Protocol):
@@ -75,140 +211,95 @@ class GpuProbe(Protocol):
     async def probe(self) -> GpuReport: ...
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+def visible(report: GpuReport, cuda_visible_devices: str | None, select: list[str] | None = None) -> GpuReport:
+    """The GPUs this agent may use: the ones CUDA_VISIBLE_DEVICES names (by NVML index or UUID prefix, CUDA's
+    rules: unset means all, empty means none, the list ends at the first entry that names no GPU) and then the
+    profile's `select` list (indexes or UUIDs). The others are listed in `hidden`, with the reason in `message`."""
+    gpus = report.gpus
+    notes: list[str] = []
+    if cuda_visible_devices is not None:
+        gpus, note = _pick(gpus, cuda_visible_devices.split(","), "CUDA_VISIBLE_DEVICES", stop_at_unknown=True)
+        notes += note
+    if select:
+        gpus, note = _pick(gpus, select, "profile gpu.select", stop_at_unknown=False)
+        notes += note
+    if len(gpus) == len(report.gpus):
+        return report
+    kept = {g.index for g in gpus}
+    hidden = [g.index for g in report.gpus if g.index not in kept]
+    message = "; ".join([report.message, f"{len(hidden)} GPU(s) not visible to this agent", *notes])
+    return replace(report, gpus=gpus, hidden=hidden, message=message.strip("; "))
 
 
-def _error_name(nvml: Any, exc: BaseException) -> str:
-    value = getattr(exc, "value", None)
-    for name in dir(nvml):
-        if name.startswith("NVML_ERROR_") and getattr(nvml, name) == value:
-            return name.removeprefix("NVML_ERROR_").lower()
-    return type(exc).__name__
+def _pick(
+    gpus: list[GpuInfo], entries: list[str], where: str, stop_at_unknown: bool
+) -> tuple[list[GpuInfo], list[str]]:
+    chosen: list[GpuInfo] = []
+    notes: list[str] = []
+    for raw in entries:
+        entry = raw.strip()
+        if not entry:
+            continue
+        match = _match(gpus, entry)
+        if match is None:
+            if stop_at_unknown:
+                notes.append(f"{where} entry {entry!r} names no GPU; CUDA ignores it and every entry after it")
+                break
+            notes.append(f"{where} entry {entry!r} names no GPU")
+            continue
+        if match not in chosen:
+            chosen.append(match)
+    return chosen, notes
 
 
-def read_gpus(nvml: Any) -> GpuReport:
-    """Read every GPU through an nvidia-ml-py-shaped module (the real `pynvml`, or a recorded fake)."""
-    try:
-        nvml.nvmlInit()
-    except nvml.NVMLError as exc:
-        return _init_failure(nvml, exc)
-    try:
-        driver = _text(nvml.nvmlSystemGetDriverVersion())
-        cuda = _optional(lambda: _cuda_version(nvml.nvmlSystemGetCudaDriverVersion_v2()), nvml)
-        count = nvml.nvmlDeviceGetCount()
-        gpus = [_read_one(nvml, index) for index in range(count)]
-    except nvml.NVMLError as exc:
-        return GpuReport(GpuState.ERROR, f"NVML failed while listing GPUs: {_error_name(nvml, exc)} ({exc})")
-    finally:
-        with contextlib.suppress(nvml.NVMLError):
-            nvml.nvmlShutdown()
-    return GpuReport(GpuState.AVAILABLE, f"{len(gpus)} GPU(s)", driver, cuda, gpus)
+def _match(gpus: list[GpuInfo], entry: str) -> GpuInfo | None:
+    if entry.isdigit():
+        return next((g for g in gpus if g.index == int(entry)), None)
+    found = [g for g in gpus if g.uuid and (g.uuid.startswith(entry) or g.uuid.startswith(f"GPU-{entry}"))]
+    return found[0] if len(found) == 1 else None  # an ambiguous prefix names no GPU, as in CUDA
 
 
-def _init_failure(nvml: Any, exc: BaseException) -> GpuReport:
-    name = _error_name(nvml, exc)
-    if name in {"library_not_found", "driver_not_loaded"}:
-        return GpuReport(
-            GpuState.UNAVAILABLE,
-            f"no NVIDIA driver ({name}): treating this as a CPU-only host with zero GPUs",
-        )
-    if name == "lib_rm_version_mismatch":
-        return GpuReport(
-            GpuState.ERROR,
-            "NVIDIA driver/library version mismatch: the driver was upgraded without a reboot; "
-            "reboot the host (or reload the nvidia kernel modules)",
-        )
-    if name == "no_permission":
-        return GpuReport(GpuState.ERROR, "no permission to open /dev/nvidia*: add the agent user to the video group")
-    return GpuReport(GpuState.ERROR, f"NVML init failed: {name} ({exc})")
+def product_matches(name: str | None, pattern: str) -> bool:
+    """Case-insensitive shell-style match of a GPU product name ("*H100*", "NVIDIA A100*")."""
+    return name is not None and fnmatch.fnmatchcase(name.lower(), pattern.lower())
 
 
-def _cuda_version(raw: int) -> str:
-    return f"{raw // 1000}.{(raw % 1000) // 10}"
-
-
-def _optional(read: Callable[[], T], nvml: Any, errors: dict[str, str] | None = None, key: str = "") -> T | None:
-    try:
-        return read()
-    except nvml.NVMLError as exc:
-        if errors is not None:
-            errors[key] = _error_name(nvml, exc)
-        return None
-
-
-def _read_one(nvml: Any, index: int) -> GpuInfo:
-    handle = nvml.nvmlDeviceGetHandleByIndex(index)
-    errors: dict[str, str] = {}
-    memory = _optional(lambda: nvml.nvmlDeviceGetMemoryInfo(handle), nvml, errors, "memory")
-    capability = _optional(lambda: nvml.nvmlDeviceGetCudaComputeCapability(handle), nvml, errors, "compute")
-    power_mw = _optional(lambda: nvml.nvmlDeviceGetEnforcedPowerLimit(handle), nvml, errors, "power_limit")
-    temperature = _optional(
-        lambda: nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU), nvml, errors, "temperature"
-    )
-    persistence = _optional(lambda: nvml.nvmlDeviceGetPersistenceMode(handle), nvml, errors, "persistence")
-    pci = _optional(lambda: nvml.nvmlDeviceGetPciInfo(handle), nvml, errors, "pci")
-    return GpuInfo(
-        index=index,
-        uuid=_text(nvml.nvmlDeviceGetUUID(handle)),
-        name=_optional(lambda: _text(nvml.nvmlDeviceGetName(handle)), nvml, errors, "name"),
-        pci_bus_id=_text(pci.busId) if pci is not None else None,
-        memory_total_mib=memory.total // MIB if memory is not None else None,
-        memory_free_mib=memory.free // MIB if memory is not None else None,
-        compute_capability=f"{capability[0]}.{capability[1]}" if capability is not None else None,
-        power_limit_w=power_mw / 1000 if power_mw is not None else None,
-        temperature_c=temperature,
-        persistence_mode=bool(persistence) if persistence is not None else None,
-        errors=errors,
-    )
-
-
-class NvmlProbe:
-    """Runs `read_gpus(pynvml)` in `python -m agent.host.gpu` and kills it at the deadline."""
-
-    def __init__(self, timeout_s: float, python: str = sys.executable) -> None:
-        self._timeout_s = timeout_s
-        self._python = python
-
-    async def probe(self) -> GpuReport:
-        """Probe now; never raises for GPU trouble, the report says what happened."""
-        proc = await asyncio.create_subprocess_exec(
-            self._python,
-            "-m",
-            "agent.host.gpu",
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        try:
-            out, err = await asyncio.wait_for(proc.communicate(), self._timeout_s)
-        except asyncio.CancelledError:
-            proc.kill()
-            await asyncio.shield(proc.wait())
-            raise
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-            return GpuReport(
-                GpuState.TIMEOUT,
-                f"NVML probe did not answer within {self._timeout_s:g}s (wedged GPU or driver?); carrying on",
-            )
-        if proc.returncode != 0:
-            tail = err.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
-            return GpuReport(GpuState.ERROR, f"NVML probe exited {proc.returncode}: {tail[0]}")
-        return GpuReport.from_dict(json.loads(out))
-
-
-def _probe_main() -> int:
-    try:
-        import pynvml
-    except ImportError:
-        report = GpuReport(GpuState.UNAVAILABLE, "nvidia-ml-py is not installed: treating as a CPU-only host")
+def reconcile(previous: GpuReport, fresh: GpuReport) -> tuple[GpuReport, list[dict[str, Any]]]:
+    """The fresh report, keeping sight of every GPU seen before: one that vanished, or that NVML lost before
+    naming it, stays listed as lost; a failed probe leaves the GPUs unhealthy with its reason. Returns the report
+    and one change per GPU whose health moved."""
+    if fresh.state is not GpuState.AVAILABLE and previous.state is GpuState.AVAILABLE:
+        reason = f"probe {fresh.state.value}: {fresh.message}"
+        gpus = [replace(g, health=GpuHealth.UNHEALTHY, health_reasons=[reason]) for g in previous.gpus]
+        merged = replace(previous, state=fresh.state, message=fresh.message, gpus=gpus)
+    elif fresh.state is not GpuState.AVAILABLE:
+        merged = replace(fresh, gpus=previous.gpus, hidden=previous.hidden) if previous.gpus else fresh
     else:
-        report = read_gpus(pynvml)
-    json.dump(report.to_dict(), sys.stdout)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(_probe_main())
+        by_index = {g.index: g for g in previous.gpus}
+        gpus = []
+        for gpu in fresh.gpus:
+            old = by_index.get(gpu.index)
+            if gpu.uuid is None and old is not None and old.uuid is not None:
+                gpu = replace(old, health=gpu.health, health_reasons=gpu.health_reasons, errors=gpu.errors)
+            gpus.append(gpu)
+        seen = {g.uuid for g in gpus if g.uuid}
+        for old in previous.gpus:
+            if old.uuid and old.uuid not in seen:
+                gpus.append(replace(old, health=GpuHealth.LOST, health_reasons=["no longer listed by NVML"]))
+        merged = replace(fresh, gpus=sorted(gpus, key=lambda g: g.index))
+    before = {g.uuid or f"index {g.index}": g for g in previous.gpus}
+    changes = []
+    for gpu in merged.gpus:
+        old = before.get(gpu.uuid or f"index {gpu.index}")
+        if old is not None and old.health is not gpu.health:
+            changes.append(
+                {
+                    "type": "gpu",
+                    "event": f"gpu.{gpu.health.value}",
+                    "gpu": gpu.index,
+                    "uuid": gpu.uuid,
+                    "was": old.health.value,
+                    "reasons": list(gpu.health_reasons),
+                }
+            )
+    return merged, changes

@@ -48,8 +48,14 @@ class RedisRegistry:
             now_ms = int(seconds) * 1000 + int(micros) // 1000
             fields = {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in record.items()}
             fields["last_heartbeat_ms"] = str(now_ms)
+            # The capabilities are written only when their hash differs from the one Redis holds (first beat,
+            # a change, or the record expired); every other beat carries the small fields alone.
+            republish = "caps_hash" not in record or await self._client.hget(key, "caps_hash") != record["caps_hash"]
+            if not republish:
+                fields.pop("capabilities", None)
             async with self._client.pipeline(transaction=True) as pipe:
-                pipe.delete(key)
+                if republish:
+                    pipe.delete(key)
                 pipe.hset(key, mapping=cast(Any, fields))  # redis-py's Mapping type is invariant in its key
                 pipe.expire(key, ttl_s)
                 pipe.zadd(keys.FLEET_INDEX, {machine_id: now_ms})

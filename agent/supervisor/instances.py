@@ -6,9 +6,11 @@ import hashlib
 import json
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
+from agent.capabilities import SlotFacts, slot_view
 from agent.host.gpu import GpuInfo
 from agent.host.ports import allocate_port
 from agent.profile import ProbeKind, Profile, RestartSpec, ServiceSpec
@@ -49,6 +51,8 @@ class InstanceSpec:
     depends_on: tuple[str, ...] = ()
     required: bool = True
     secret_values: frozenset[str] = field(default_factory=frozenset)
+    #: The job matcher's view of this slot (agent.capabilities.slot_view), written into its capabilities file.
+    matcher_view: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,7 @@ def expand(
     agent_env: Mapping[str, str],
     taken_ports: set[int] | None = None,
     keep_ports: Mapping[str, int | None] | None = None,
+    facts: SlotFacts | None = None,
 ) -> list[InstanceSpec]:
     """All instances of all services in dependency order; ports are allocated free and recorded in `taken_ports`,
     except for instances named in `keep_ports`, which keep the port they have (re-expansion on restart)."""
@@ -93,7 +98,7 @@ def expand(
             values = {
                 "port": str(port) if port is not None else "",
                 "gpu": str(gpu.index) if gpu else "",
-                "gpu_uuid": gpu.uuid if gpu else "",
+                "gpu_uuid": (gpu.uuid or "") if gpu else "",
                 "slot": str(slot),
                 "instance": instance_name,
                 "service": name,
@@ -106,6 +111,9 @@ def expand(
             instances.append(
                 _instance(profile, name, spec, instance_name, slot, gpu, port, values, paths, {**agent_env}, dep_ports)
             )
+            if facts is not None:
+                view = slot_view(facts, name, instance_name, tuple(spec.capabilities), gpu)
+                instances[-1] = replace(instances[-1], matcher_view=view)
     return instances
 
 
@@ -140,9 +148,10 @@ def dependency_order(services: Mapping[str, ServiceSpec]) -> list[str]:
 def _slots(spec: ServiceSpec, gpus: list[GpuInfo]) -> list[GpuInfo | None]:
     if not spec.per_gpu:
         return [None] * spec.instances
-    if not gpus:
+    usable = [gpu for gpu in gpus if gpu.uuid]  # a GPU lost before it could be named cannot be given to a child
+    if not usable:
         return [None] * spec.instances  # a CPU-only host gets CPU slots
-    return [gpu for gpu in gpus for _ in range(spec.instances)]
+    return [gpu for gpu in usable for _ in range(spec.instances)]
 
 
 def _instance(
@@ -176,7 +185,7 @@ def _instance(
     if port is not None:
         env["PORT"] = str(port)
     if spec.per_gpu:
-        env["CUDA_VISIBLE_DEVICES"] = gpu.uuid if gpu else ""
+        env["CUDA_VISIBLE_DEVICES"] = (gpu.uuid or "") if gpu else ""
         env["EMP_GPU_INDEX"] = str(gpu.index) if gpu else ""
     readiness = spec.readiness
     probe = Probe(
@@ -248,6 +257,7 @@ def write_capabilities_file(spec: InstanceSpec, machine_id: str) -> None:
         "capabilities": list(spec.capabilities),
         "port": spec.port,
         "gpu": gpu,
+        **(spec.matcher_view or {}),
     }
     write_json_atomic(path, record, durable=False)
 
