@@ -105,7 +105,8 @@ def _parser() -> argparse.ArgumentParser:
         help="download and verify the profile's models, then exit (image bakes; safe beside a running agent)",
     )
     pull.add_argument("--profile", help="profile name or path (overrides EMP_AGENT_PROFILE)")
-    sub.add_parser("detect", parents=[common], help="print host facts and GPUs as JSON")
+    detect = sub.add_parser("detect", parents=[common], help="print the host's fingerprint: host facts and GPUs")
+    detect.add_argument("--json", action="store_true", help="print the JSON document instead of the table")
     sub.add_parser("version", help="print the agent version")
     completion = sub.add_parser(
         "completion",
@@ -346,14 +347,21 @@ def _check(args: argparse.Namespace) -> int:
 
 def _detect(args: argparse.Namespace) -> int:
     import asyncio
+    import os
 
     from agent.host.facts import read_host_facts
+    from agent.host.gpu import visible
     from agent.host.nvml import NvmlProbe
+    from agent.statusview import render_fingerprint
 
     settings, _ = _load(args, need_profile=False)
     report = asyncio.run(NvmlProbe(settings.gpu_probe_timeout_s).probe())
-    host = read_host_facts(settings.model_root)
-    print(json.dumps({"host": host.to_dict(), "gpu": report.to_dict()}, indent=2))
+    report = visible(report, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    data = {"host": read_host_facts(settings.model_root).to_dict(), "gpu": report.to_dict()}
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        sys.stdout.write(render_fingerprint(data, colour=sys.stdout.isatty()))
     return EXIT_OK
 
 

@@ -1,4 +1,5 @@
-"""Rendering the status document for a human: a header and a supervisorctl/pm2-like table. Stdlib only."""
+"""Rendering documents for a human: the status (a header and a supervisorctl/pm2-like table) and the host's
+fingerprint. Stdlib only."""
 
 from __future__ import annotations
 
@@ -22,6 +23,9 @@ COLOURS = {
     "draining": "33",
     "skipped": "2",
     "pending": "2",
+    "healthy": "32",
+    "unhealthy": "31",
+    "lost": "31",
 }
 
 
@@ -130,3 +134,80 @@ def format_pull(pull: dict[str, Any]) -> str:
         f"{pull['bytes_done'] / scale:.1f}/{total / scale:.1f} {unit}{share} at {pull['rate_bps'] / 1e6:.0f} MB/s, "
         f"{pull['items_done']}/{pull['items_total']} files{failed}"
     )
+
+
+def _or_dash(value: Any, unit: str = "") -> str:
+    return "-" if value is None else f"{value:g}{unit}" if isinstance(value, float) else f"{value}{unit}"
+
+
+def render_fingerprint(data: dict[str, Any], colour: bool = False) -> str:
+    """`emp-agent detect` for a human: host line, driver line, one row per GPU (MIG devices below their GPU)."""
+    host = data["host"]
+    gpu = data["gpu"]
+    lines = [
+        f"host     {host['hostname']}  {host['os']}  kernel {host['kernel']}  {host['arch']}",
+        f"cpu      {host['cpu_model']}  {host['cpu_logical']} logical / {_or_dash(host['cpu_physical'])} physical",
+        f"memory   {host['memory_total_mib']} MiB ({host['memory_available_mib']} available)   "
+        f"models disk {host['model_root_free_mib']} of {host['model_root_total_mib']} MiB free",
+    ]
+    state = gpu["state"]
+    versions = f"  driver {gpu['driver_version']}  CUDA {gpu['cuda_driver_version']}" if gpu["driver_version"] else ""
+    lines.append(f"nvidia   {_paint(state, 'ready' if state == 'available' else 'failed', colour)}{versions}")
+    if gpu["message"] and gpu["message"] != f"{len(gpu['gpus'])} GPU(s)":
+        lines.append(f"         {gpu['message']}")
+    if not gpu["gpus"]:
+        return "\n".join(lines) + "\n"
+    rows = [["GPU", "NAME", "MEMORY MiB", "UTIL", "TEMP", "POWER W", "CC", "ECC", "MIG", "HEALTH", "UUID", "BUS"]]
+    healths = []
+    for g in gpu["gpus"]:
+        memory = f"{_or_dash(g['memory_used_mib'])}/{_or_dash(g['memory_total_mib'])}"
+        power = f"{_or_dash(g['power_draw_w'])}/{_or_dash(g['power_limit_w'])}"
+        ecc = g["ecc"]
+        ecc_text = (
+            "-" if ecc["enabled"] is None else "off" if not ecc["enabled"] else f"on ({ecc['uncorrected_volatile']})"
+        )
+        mig = "-" if g["mig_enabled"] is None else f"{len(g['mig_devices'])} dev" if g["mig_enabled"] else "off"
+        rows.append(
+            [
+                str(g["index"]),
+                g["name"] or "-",
+                memory,
+                _or_dash(g["utilization_gpu_pct"], "%"),
+                _or_dash(g["temperature_c"], "C"),
+                power,
+                g["compute_capability"] or "-",
+                ecc_text,
+                mig,
+                g["health"],
+                g["uuid"] or "-",
+                g["pci_bus_id"] or "-",
+            ]
+        )
+        healths.append(g["health"])
+        for m in g["mig_devices"]:
+            used = f"{_or_dash(m['memory_used_mib'])}/{_or_dash(m['memory_total_mib'])}"
+            rows.append(
+                [
+                    f" {g['index']}:{m['index']}",
+                    f"MIG GI {m['gpu_instance_id']} CI {m['compute_instance_id']}",
+                    used,
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    f"{_or_dash(m['sm_count'])} SM",
+                    g["health"],
+                    m["uuid"],
+                    "-",
+                ]
+            )
+            healths.append(g["health"])
+    lines.append("")
+    lines += _table(rows, healths, 9, colour)
+    for g in gpu["gpus"]:
+        for reason in g["health_reasons"]:
+            lines.append(f"GPU {g['index']}: {reason}")
+    if gpu.get("hidden"):
+        lines.append(f"hidden   GPU {', '.join(map(str, gpu['hidden']))} (CUDA_VISIBLE_DEVICES or gpu.select)")
+    return "\n".join(lines) + "\n"

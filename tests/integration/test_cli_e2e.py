@@ -256,6 +256,27 @@ def test_check_reports_each_problem_and_starts_nothing(short_tmp: Path) -> None:
     assert not (short_tmp / "state").exists()
 
 
+def test_detect_prints_the_fingerprint_as_a_table_or_json(short_tmp: Path) -> None:
+    """`emp-agent detect` on this driverless machine: a readable table saying CPU-only, and --json with the same
+    facts; exit 0 both times."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EMP_AGENT_")}
+    env["EMP_AGENT_MODEL_ROOT"] = str(short_tmp / "models")
+
+    def detect(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "agent", "detect", *extra], env=env, capture_output=True, text=True, timeout=60
+        )
+
+    table, as_json = detect(), detect("--json")
+
+    assert (0, 0) == (table.returncode, as_json.returncode)
+    data = json.loads(as_json.stdout)
+    assert ("unavailable", []) == (data["gpu"]["state"], data["gpu"]["gpus"])
+    assert f"cpu      {data['host']['cpu_model']}" in table.stdout
+    assert "nvidia   unavailable" in table.stdout
+    assert "CPU-only host" in table.stdout
+
+
 @pytest.mark.slow
 def test_sigterm_during_a_stuck_prepare_step_leaves_nothing_running(agent_dirs: Path) -> None:
     """Shutdown in the middle of the bootstrap cancels it and kills the step's process."""

@@ -43,6 +43,36 @@ def test_beat_writes_the_record_with_a_ttl_and_stop_removes_it(redis_server: Red
     assert (0, None) == (client.exists(keys.machine_key("m1")), client.zscore(keys.FLEET_INDEX, "m1"))
 
 
+def test_capabilities_are_written_only_when_their_hash_changes(redis_server: RedisServer) -> None:
+    """A beat with the caps_hash Redis already holds refreshes the small fields and leaves the capabilities alone;
+    a new hash, or a record that expired, writes them again."""
+    client = redis_server.client()
+    key = keys.machine_key("m1")
+    first = {"phase": "ready", "capabilities": {"gpus": 8}, "caps_hash": "sha256:1"}
+    fewer = {"phase": "degraded", "capabilities": {"gpus": 7}, "caps_hash": "sha256:2"}
+
+    async def scenario() -> list[tuple[str, str]]:
+        registry = RedisRegistry(redis_server.url)
+        seen = []
+        await registry.write("m1", first, 30)
+        client.hset(key, "capabilities", "marker")  # a rewrite of the capabilities would replace it
+        await registry.write("m1", {**first, "phase": "degraded"}, 30)
+        seen.append((client.hget(key, "phase"), client.hget(key, "capabilities")))
+        await registry.write("m1", fewer, 30)
+        seen.append((client.hget(key, "phase"), client.hget(key, "capabilities")))
+        client.delete(key)
+        await registry.write("m1", fewer, 30)
+        seen.append((client.hget(key, "caps_hash"), client.hget(key, "capabilities")))
+        await registry.aclose()
+        return seen
+
+    assert [
+        ("degraded", "marker"),
+        ("degraded", '{"gpus": 7}'),
+        ("sha256:2", '{"gpus": 7}'),
+    ] == asyncio.run(scenario())
+
+
 def test_heartbeat_survives_redis_outage_and_reregisters(redis_server: RedisServer) -> None:
     """Redis going away marks the registry disconnected; when it is back the next beat writes the record again."""
 

@@ -17,6 +17,7 @@ LAYERS = [
     {"agent.profile"},
     {"agent.host"},
     {"agent.pull"},
+    {"agent.capabilities", "agent.gpuwatch"},
     {"agent.supervisor"},
     {"agent.bootstrap", "agent.registry"},
     {"agent.api"},

@@ -78,3 +78,32 @@ def test_a_running_pull_shows_bytes_rate_and_files() -> None:
     line = next(x for x in render_status(status).splitlines() if x.startswith("pull_models"))
 
     assert "3.0/4.0 GiB (75%) at 310 MB/s, 1/3 files" in line
+
+
+def test_fingerprint_table_shows_mig_children_and_a_lost_gpu() -> None:
+    """`emp-agent detect` on a terminal: MIG devices under their GPU, a lost GPU with its reason, no colour in a
+    pipe."""
+    import pynvml
+
+    from agent.host.nvml import read_gpus
+    from agent.statusview import render_fingerprint
+    from agent.testing import FakeNvml
+    from tests.conftest import FIXTURES
+    from tests.unit.test_capabilities import HOST
+
+    mig = read_gpus(FakeNvml.from_file(FIXTURES / "nvml" / "a100-mig.json"))
+    lost = read_gpus(
+        FakeNvml.from_file(
+            FIXTURES / "nvml" / "h100x8.json",
+            errors={("nvmlDeviceGetHandleByIndex", 7): pynvml.NVML_ERROR_GPU_IS_LOST},
+        )
+    )
+
+    mig_text = render_fingerprint({"host": HOST.to_dict(), "gpu": mig.to_dict()})
+    lost_text = render_fingerprint({"host": HOST.to_dict(), "gpu": lost.to_dict()})
+
+    assert "nvidia   available  driver 535.54.03  CUDA 12.2" in mig_text
+    assert 4 == sum(line.startswith(" 0:") and "14 SM" in line for line in mig_text.splitlines())
+    assert "8 GPU(s); GPU 7 lost" in lost_text
+    assert "GPU 7: lost: NVML reports the GPU fallen off the bus" in lost_text
+    assert "\033[" not in lost_text
