@@ -1,0 +1,105 @@
+"""A real agent (in this process, real child services, a redis-server we start) on a recorded GPU host: the GPUs it
+may use, and what a GPU lost at a re-probe does to the machine and its published capabilities."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import pynvml
+
+from agent.daemon import Agent
+from agent.host.gpu import GpuReport
+from agent.host.nvml import read_gpus
+from agent.machine import Phase
+from agent.profile import load_profile
+from agent.registry import keys
+from agent.settings import Settings
+from agent.testing import FakeNvml
+from tests.conftest import FIXTURES, REPO, RedisServer
+from tests.helpers import await_until
+
+
+class RecordedHost:
+    """The probe, answered in-process from a recorded 8x H100 host whose faults the test switches."""
+
+    def __init__(self) -> None:
+        self.nvml = FakeNvml.from_file(FIXTURES / "nvml" / "h100x8.json")
+
+    async def probe(self) -> GpuReport:
+        return read_gpus(self.nvml)
+
+
+def test_lost_gpu_takes_its_slot_out_of_the_record_and_comes_back(short_tmp: Path, redis_server: RedisServer) -> None:
+    """With CUDA_VISIBLE_DEVICES=2,5 the agent runs two slots pinned by UUID. GPU 5 lost at a re-probe: the machine
+    is degraded with the reason, a gpu.lost event is published, the slot leaves the capabilities in Redis (new
+    caps_hash) and services_ready; when the GPU answers again everything comes back. The service keeps running."""
+    profile_path = short_tmp / "gpu.toml"
+    profile_path.write_text(
+        "[services.worker]\n"
+        f'command = ["{sys.executable}", "{REPO}/tests/programs/http_service.py", "{{port}}", '
+        '"{state_dir}/{instance}.pid"]\n'
+        'per_gpu = true\nport = 18600\ncapabilities = ["comfyui"]\n'
+        '[services.worker.readiness]\nkind = "http"\n'
+    )
+    settings = Settings(
+        machine_id="m-gpu",
+        state_dir=short_tmp / "state",
+        runtime_dir=short_tmp / "run",
+        log_dir=short_tmp / "log",
+        model_root=short_tmp / "models",
+        redis_url=redis_server.url,
+        heartbeat_interval_s=0.3,
+        gpu_reprobe_interval_s=0.2,
+    )
+    host = RecordedHost()
+    environ = {"PATH": os.environ["PATH"], "CUDA_VISIBLE_DEVICES": "2,5"}
+    agent = Agent(settings, load_profile(str(profile_path), short_tmp), gpu_probe=host, environ=environ)
+    client = redis_server.client()
+    key = keys.machine_key("m-gpu")
+
+    def published() -> dict[str, Any]:
+        stored = client.hgetall(key)
+        return {
+            "caps_hash": stored.get("caps_hash"),
+            "slots": [
+                s["gpu"]["index"] for s in json.loads(stored.get("capabilities", '{"services": []}'))["services"]
+            ],
+            "ready": json.loads(stored.get("services_ready", "[]")),
+        }
+
+    async def scenario() -> None:
+        run = asyncio.create_task(agent.run())
+        try:
+            await await_until(lambda: agent.phase()[0] is Phase.READY, 60, "ready")
+            snapshot = agent.table.snapshot()
+            assert [
+                ("worker-0", "GPU-00000002-0000-0000-0000-000000000002"),
+                ("worker-1", "GPU-00000005-0000-0000-0000-000000000005"),
+            ] == [(s["name"], s["gpu"]["uuid"]) for s in snapshot]
+            first = await await_until(lambda: (p := published())["slots"] == [2, 5] and p, 20, "two slots published")
+            assert ["comfyui"] == first["ready"]
+
+            host.nvml.errors[("nvmlDeviceGetHandleByIndex", 5)] = pynvml.NVML_ERROR_GPU_IS_LOST
+            await await_until(lambda: agent.phase()[0] is Phase.DEGRADED, 20, "degraded")
+            assert any("gpu 5: lost" in reason for reason in agent.phase()[1])
+            lost = await await_until(lambda: (p := published())["slots"] == [2] and p, 20, "slot withdrawn")
+            assert lost["caps_hash"] != first["caps_hash"]
+            events = [e for e in agent.table.events if e.get("type") == "gpu"]
+            assert [("gpu.lost", 5)] == [(e["event"], e["gpu"]) for e in events]
+            assert all(s["state"] == "RUNNING" for s in agent.table.snapshot())
+
+            del host.nvml.errors[("nvmlDeviceGetHandleByIndex", 5)]
+            await await_until(lambda: agent.phase()[0] is Phase.READY, 20, "ready again")
+            back = await await_until(lambda: (p := published())["slots"] == [2, 5] and p, 20, "slot back")
+            assert back["caps_hash"] == first["caps_hash"]
+        finally:
+            agent.handle_exit(signal.SIGTERM)
+            assert 0 == await run
+
+    asyncio.run(scenario())
