@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.host.facts import HostFacts
-from agent.host.gpu import GpuInfo, GpuReport
+from agent.host.gpu import GpuInfo, GpuReport, GpuState
 from agent.settings import Matching
 
 SCHEMA = "emp.capabilities/v1"
@@ -47,9 +47,19 @@ def healthy_uuids(report: GpuReport | None) -> set[str]:
     return found
 
 
-def offered(slot_gpu: Mapping[str, Any] | None, report: GpuReport | None) -> bool:
-    """Whether a slot can be advertised: CPU slots always, GPU slots only while their GPU is healthy."""
-    return slot_gpu is None or slot_gpu.get("uuid") in healthy_uuids(report)
+def offered(slot: Mapping[str, Any], report: GpuReport | None, gpu_required: bool = False) -> bool:
+    """Whether a slot can be advertised. A GPU slot only while its GPU is healthy. A CPU slot unless the profile
+    requires GPUs, or it is a per-GPU service that fell back to the CPU on a host whose NVIDIA driver is there
+    but could not be read (it would be offered GPU work it cannot do)."""
+    gpu = slot.get("gpu")
+    if gpu is not None:
+        return gpu.get("uuid") in healthy_uuids(report)
+    if gpu_required:
+        return False
+    return not (slot.get("per_gpu") and report is not None and report.state is not GpuState.UNAVAILABLE)
+
+
+SLOT_FIELDS = ("name", "service", "capabilities", "port", "gpu")
 
 
 def static_record(
@@ -60,8 +70,11 @@ def static_record(
     gpus: GpuReport | None,
     slots: Iterable[Mapping[str, Any]],
     models: Iterable[Mapping[str, Any]],
+    matching: Matching | None = None,
+    gpu_required: bool = False,
 ) -> dict[str, Any]:
-    """What the machine offers: host, GPUs, the slots that can take jobs, the verified models."""
+    """What the machine offers: host, GPUs, the slots that can take jobs, the verified models, and the matcher
+    settings (customers, location, cost)."""
     host_data = host.to_dict() if host else None
     return {
         "schema": SCHEMA,
@@ -78,18 +91,20 @@ def static_record(
             else None
         ),
         "gpus": [g.static() for g in gpus.gpus] if gpus else [],
-        "services": [dict(s) for s in slots if offered(s.get("gpu"), gpus)],
+        "services": [{k: s[k] for k in SLOT_FIELDS} for s in slots if offered(s, gpus, gpu_required)],
         "models": [
             {"name": m["name"], "dest": m["dest"], "size_bytes": m["size"], "sha256": m["sha256"]} for m in models
         ],
+        "matching": (matching or Matching()).model_dump(mode="json"),
     }
 
 
-def dynamic_record(host: HostFacts | None, gpus: GpuReport | None) -> dict[str, Any]:
-    """The readings that move: sent with every heartbeat, never hashed."""
+def dynamic_record(readings: tuple[int, int] | None, gpus: GpuReport | None) -> dict[str, Any]:
+    """The readings that move (host memory available and model disk free, as read for this beat; the GPUs' as of
+    the last probe): sent with every heartbeat, never hashed."""
     return {
-        "memory_available_mib": host.memory_available_mib if host else None,
-        "model_root_free_mib": host.model_root_free_mib if host else None,
+        "memory_available_mib": readings[0] if readings else None,
+        "model_root_free_mib": readings[1] if readings else None,
         "gpus": gpus.dynamic() if gpus else {},
     }
 

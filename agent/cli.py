@@ -107,6 +107,7 @@ def _parser() -> argparse.ArgumentParser:
     pull.add_argument("--profile", help="profile name or path (overrides EMP_AGENT_PROFILE)")
     detect = sub.add_parser("detect", parents=[common], help="print the host's fingerprint: host facts and GPUs")
     detect.add_argument("--json", action="store_true", help="print the JSON document instead of the table")
+    detect.add_argument("--profile", help="apply this profile's [gpu] select (overrides EMP_AGENT_PROFILE)")
     sub.add_parser("version", help="print the agent version")
     completion = sub.add_parser(
         "completion",
@@ -350,19 +351,19 @@ def _detect(args: argparse.Namespace) -> int:
     import os
 
     from agent.host.facts import read_host_facts
-    from agent.host.gpu import visible
+    from agent.host.gpu import GpuState, visible
     from agent.host.nvml import NvmlProbe
     from agent.statusview import render_fingerprint
 
-    settings, _ = _load(args, need_profile=False)
+    settings, profile = _load(args, need_profile=False)
     report = asyncio.run(NvmlProbe(settings.gpu_probe_timeout_s).probe())
-    report = visible(report, os.environ.get("CUDA_VISIBLE_DEVICES"))
-    data = {"host": read_host_facts(settings.model_root).to_dict(), "gpu": report.to_dict()}
+    report = visible(report, os.environ.get("CUDA_VISIBLE_DEVICES"), profile.gpu.select if profile else None)
+    data = {"host": read_host_facts(settings.model_root).to_dict(), "gpus": report.to_dict()}
     if args.json:
         print(json.dumps(data, indent=2))
     else:
         sys.stdout.write(render_fingerprint(data, colour=sys.stdout.isatty()))
-    return EXIT_OK
+    return EXIT_FAILED if report.state in (GpuState.ERROR, GpuState.TIMEOUT) else EXIT_OK
 
 
 def _run(args: argparse.Namespace) -> int:

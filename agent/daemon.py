@@ -22,7 +22,7 @@ from agent.capabilities import caps_hash, dynamic_record, offered, static_record
 from agent.errors import AgentError, ConfigError, Problem, RegistryError
 from agent.gpuwatch import GpuWatch
 from agent.host.download import HttpTransport
-from agent.host.facts import read_host_facts
+from agent.host.facts import read_host_readings
 from agent.host.gpu import GpuProbe, GpuReport
 from agent.host.launcher import Launcher, ProcessLauncher
 from agent.host.lock import DirectoryLock
@@ -34,6 +34,7 @@ from agent.profile import Profile, load_profile
 from agent.pull.puller import ModelPuller, open_puller
 from agent.registry import embedded
 from agent.registry.client import RedisRegistry
+from agent.registry.compat import compat_message
 from agent.registry.heartbeat import Heartbeat
 from agent.settings import Settings
 from agent.supervisor.instances import InstanceSpec, Paths, expand, spec_hash
@@ -89,6 +90,9 @@ class Agent:
         self._published_phase: Phase | None = None
         self._notifier = Notifier(self._environ)
         self._notified_ready = False
+        self._announced_ready = False
+        self._last_snapshot: list[dict[str, Any]] | None = None
+        self._readings: tuple[int, int] | None = None
         self._registry: RedisRegistry | None = None
         self._startup_error: str | None = None
         self.pipeline: Pipeline | None = None
@@ -209,8 +213,14 @@ class Agent:
             log.error("no registry", error=str(exc))
             self._startup_error = str(exc)
             return
-        self._registry = RedisRegistry(url)
-        self.heartbeat = Heartbeat(self._registry, self.machine_id, self.settings.heartbeat_interval_s, self.record)
+        self._registry = RedisRegistry(url, self.settings.redis_tls)
+        self.heartbeat = Heartbeat(
+            self._registry,
+            self.machine_id,
+            self.settings.heartbeat_interval_s,
+            self.record,
+            compat=self.compat_status,
+        )
         self.ctx = BootstrapContext(
             settings=self.settings,
             profile=self.profile,
@@ -229,7 +239,15 @@ class Agent:
         phase, reasons = self.phase()
         log.info("bootstrap finished", phase=phase.value, reasons=reasons)
         self._kick_if_phase_changed()
-        await self._watch_gpus(self.ctx)
+        await asyncio.gather(self._watch_gpus(self.ctx), self._watch_host())
+
+    async def _watch_host(self) -> None:
+        """Host readings for the heartbeat's dynamic record, read in a thread (a hung NFS model root stalls this
+        loop, never the agent)."""
+        while True:
+            with contextlib.suppress(OSError):
+                self._readings = await asyncio.to_thread(read_host_readings, self.settings.model_root)
+            await asyncio.sleep(self.settings.heartbeat_interval_s)
 
     async def _watch_gpus(self, ctx: BootstrapContext) -> None:
         """After the bootstrap, probe the GPUs every gpu_reprobe_interval_s until shutdown (a CPU-only host and
@@ -239,9 +257,9 @@ class Agent:
         watch = GpuWatch(
             ctx.gpu_probe,
             ctx.gpus,
+            lambda report, changes: self.apply_gpus(ctx, report, changes),
             self._environ.get("CUDA_VISIBLE_DEVICES"),
             self.profile.gpu.select,
-            lambda report, changes: self.apply_gpus(ctx, report, changes),
         )
         if watch.needed:
             await watch.run(self.settings.gpu_reprobe_interval_s)
@@ -250,15 +268,30 @@ class Agent:
         """A new GPU report: fresh readings and host figures, degraded reasons recomputed, one event per health
         change, and the record published soon when anything the broker matches on moved."""
         ctx.gpus = report
-        with contextlib.suppress(OSError):
-            ctx.host = read_host_facts(self.settings.model_root)
         for key in [k for k in ctx.degraded if k == "gpu" or k.startswith("gpu ")]:
             del ctx.degraded[key]
         ctx.degraded.update(gpu_problems(report, self.profile.gpu))
+        ctx.degraded.update(self._slotless(report))
         for change in changes:
             self._on_event({**change, "at": iso_now()})
         if changes and self.heartbeat is not None:
             self.heartbeat.kick()
+
+    def _slotless(self, report: GpuReport) -> dict[str, str]:
+        """Healthy GPUs no per-GPU service runs on: slots are laid out when the services start, so a GPU that was
+        not usable then (a failed boot probe) needs a restart of the agent to be used."""
+        if not any(s.per_gpu for s in self.profile.services.values()):
+            return {}
+        used = {spec.gpu.uuid for n in self.table.names() if (spec := self.table.get(n).spec).gpu}
+        missing = {}
+        for gpu in report.gpus:
+            units = [m.uuid for m in gpu.mig_devices] if gpu.mig_enabled and gpu.mig_devices else [gpu.uuid]
+            if gpu.healthy and gpu.uuid and not any(u in used for u in units):
+                missing[f"gpu {gpu.index}"] = (
+                    "healthy but no service runs on it (it was not usable when the services started): "
+                    "restart the agent to use it"
+                )
+        return missing
 
     def handle_exit(self, sig: int) -> None:
         """Signal handler: the first signal asks for an ordered shutdown, the second forces it."""
@@ -276,8 +309,17 @@ class Agent:
         phase, reasons = self.phase()
         self._tell_service_manager(phase, reasons)
         if phase is not self._published_phase and self.heartbeat is not None:
-            self._published_phase = phase
-            self.heartbeat.kick()
+            was, self._published_phase = self._published_phase, phase
+            self.heartbeat.publish(
+                {
+                    "type": "machine",
+                    "event": "phase",
+                    "phase": phase.value,
+                    "was": was,
+                    "reasons": reasons,
+                    "at": iso_now(),
+                }
+            )
 
     async def _teardown(self, startup: asyncio.Task[None], api: ControlApi, transport: HttpTransport) -> int:
         self._stopping = True
@@ -384,6 +426,8 @@ class Agent:
         self.table.events.append(event)
         if self._api is not None:
             self._api.events.publish(event)
+        if self.heartbeat is not None and event.get("event") != "model.progress":
+            self.heartbeat.publish(event)  # the machine's stream in Redis (queued while Redis is away)
         self._kick_if_phase_changed()
 
     def respec(self, name: str) -> InstanceSpec | None:
@@ -405,45 +449,47 @@ class Agent:
     def phase(self) -> tuple[Phase, list[str]]:
         """The machine phase now, and why."""
         failure = self.pipeline.fatal_failure() if self.pipeline else None
+        hb = self.heartbeat
+        degraded = dict(self.ctx.degraded) if self.ctx else {}
+        if hb is not None and hb.fenced_by is not None:
+            degraded["registry"] = hb.last_error or "fenced"
         return compute_phase(
             stopping=self._stopping,
             draining=self._draining,
             fatal_error=f"stage {failure.name} failed: {failure.error}" if failure else self._startup_error,
             pipeline_finished=bool(self.pipeline and self.pipeline.finished),
-            degraded=self.ctx.degraded if self.ctx else {},
+            degraded=degraded,
             unhealthy_services=self.table.unhealthy_required(),
-            registry_connected=bool(self.heartbeat and self.heartbeat.connected),
+            registry_connected=bool(hb and (hb.connected or hb.fenced_by is not None)),
         )
 
     def capabilities(self, snapshot: list[dict[str, Any]]) -> dict[str, Any]:
         """The static capability record (docs/capabilities.md): host, GPUs, slots that can take jobs, models."""
         ctx = self.ctx
-        slots = [
-            {k: s[k] for k in ("name", "service", "capabilities", "port", "gpu")}
-            for s in snapshot
-            if s["service"] != embedded.SERVICE_NAME
-        ]
         models = [m.to_dict() for m in (ctx.model_status.values() if ctx else []) if m.in_place]
         return static_record(
             agent_version=__version__,
             profile=self.profile.name,
             host=ctx.host if ctx else None,
             gpus=ctx.gpus if ctx else None,
-            slots=slots,
+            slots=[s for s in snapshot if s["service"] != embedded.SERVICE_NAME],
             models=models,
+            matching=self.settings.matching,
+            gpu_required=self.profile.gpu.min_count > 0,
         )
 
     def record(self) -> dict[str, Any]:
         """The machine record written to Redis at every heartbeat."""
         phase, reasons = self.phase()
         snapshot = self.table.snapshot()  # reads each instance's log state file: once per beat, not twice
+        self._last_snapshot = snapshot  # the compat message of the same beat reuses it
         caps = self.capabilities(snapshot)
         gpus = self.ctx.gpus if self.ctx else None
         running = sorted(
             {
                 name
                 for s in snapshot
-                if s["state"] == "RUNNING" and offered(s["gpu"], gpus)
+                if s["state"] == "RUNNING" and offered(s, gpus, self.profile.gpu.min_count > 0)
                 for name in s["capabilities"]
             }
         )
@@ -459,9 +505,28 @@ class Agent:
             "started_at": self.started_at,
             "capabilities": caps,
             "caps_hash": caps_hash(caps),
-            "dynamic": dynamic_record(self.ctx.host if self.ctx else None, gpus),
+            "dynamic": dynamic_record(self._readings, gpus),
             "services_ready": running,
         }
+
+    def compat_status(self, update_type: str) -> dict[str, Any]:
+        """The original system's `machine:status:<id>` message, for its API and monitor (docs/registry.md)."""
+        phase, reasons = self.phase()
+        if phase is Phase.READY and not self._announced_ready:
+            self._announced_ready = True
+            update_type = "machine_ready"
+        elif phase is Phase.STOPPING:
+            update_type = "shutdown"
+        return compat_message(
+            machine_id=self.machine_id,
+            phase=phase,
+            reasons=reasons,
+            uptime_s=time.monotonic() - self._started_mono,
+            snapshot=self._last_snapshot if self._last_snapshot is not None else self.table.snapshot(),
+            gpu_count=len(self.ctx.gpus.gpus) if self.ctx and self.ctx.gpus else 0,
+            update_type=update_type,
+            health_url=f"http://{self.settings.http_listen}/healthz" if self.settings.http_listen else None,
+        )
 
     def status(self) -> dict[str, Any]:
         """The document behind `emp-agent status --json` and GET /status."""
@@ -491,6 +556,10 @@ class Agent:
                 "connected": bool(hb and hb.connected),
                 "last_heartbeat": hb.last_heartbeat if hb else None,
                 "last_error": hb.last_error if hb else None,
+                "epoch": hb.epoch if hb else None,
+                "fenced_by": hb.fenced_by if hb else None,
+                "events_queued": hb.queued if hb else 0,
+                "events_dropped": hb.events_dropped if hb else 0,
             },
             "events": list(self.table.events)[-20:],
         }

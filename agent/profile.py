@@ -297,6 +297,27 @@ class GpuRequirement(_Frozen):
         "allows.",
     )
 
+    @field_validator("select", mode="before")
+    @classmethod
+    def _gpu_refs(cls, value: Any) -> Any:
+        if not isinstance(value, list):
+            return value
+        refs = []
+        for item in value:
+            ref = str(item).strip() if isinstance(item, int | str) and not isinstance(item, bool) else None
+            if ref is None or not (
+                (ref.isascii() and ref.isdigit()) or (ref.startswith(("GPU-", "MIG-")) and len(ref) > 4)
+            ):
+                raise ValueError(f"{item!r} is neither an NVML index nor a GPU-/MIG- UUID")
+            refs.append(ref)
+        return refs
+
+    @model_validator(mode="after")
+    def _count_for_the_rest(self) -> GpuRequirement:
+        if self.min_count == 0 and (self.product is not None or self.min_memory_mib):
+            raise ValueError("product and min_memory_mib need min_count >= 1 (how many GPUs must match)")
+        return self
+
 
 class Profile(_Frozen):
     """A whole host profile after `extends` has been applied."""

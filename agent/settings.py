@@ -12,10 +12,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from agent.errors import ConfigError, Problem
 from agent.redact import redact_url
+from agent.registryurl import SCHEMES as REDIS_SCHEMES
+from agent.registryurl import TlsFiles, hosts_of
 
 ENV_PREFIX = "EMP_AGENT_"
 DEFAULT_CONFIG_PATH = Path("/etc/emp-agent/agent.toml")
@@ -45,7 +47,7 @@ class Location(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    region: str
+    region: str = Field(min_length=1)
     country: str | None = None
     compliance_zones: list[str] = Field(default_factory=list)
     data_residency_requirements: list[str] = Field(default_factory=list)
@@ -56,10 +58,10 @@ class Cost(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    tier: str
-    rate_per_hour: float | None = Field(default=None, ge=0)
-    rate_per_job: float | None = Field(default=None, ge=0)
-    minimum_charge: float | None = Field(default=None, ge=0)
+    tier: str = Field(min_length=1)
+    rate_per_hour: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    rate_per_job: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    minimum_charge: float | None = Field(default=None, ge=0, allow_inf_nan=False)
 
 
 class Matching(BaseModel):
@@ -104,6 +106,11 @@ class Settings(BaseSettings):
         default=None,
         description="host:port for a read-only HTTP listener (/healthz /readyz /status /metrics /events); unset: none.",
     )
+    redis_ca_file: Path | None = Field(
+        default=None, description="CA bundle (PEM) that signed the Redis TLS certificate."
+    )
+    redis_cert_file: Path | None = Field(default=None, description="Client certificate (PEM) for Redis TLS.")
+    redis_key_file: Path | None = Field(default=None, description="Client key (PEM) for Redis TLS.")
     heartbeat_interval_s: float = Field(default=10.0, gt=0.05, le=600, description="Seconds between beats.")
     gpu_probe_timeout_s: float = Field(default=20.0, gt=0, le=600, description="Deadline of one NVML probe.")
     gpu_reprobe_interval_s: float = Field(
@@ -138,8 +145,16 @@ class Settings(BaseSettings):
         if value is None:
             return None
         parts = urlsplit(value.get_secret_value())
-        if parts.scheme not in {"redis", "rediss", "unix"}:
-            raise ValueError("must start with redis://, rediss:// or unix://")
+        if parts.scheme not in REDIS_SCHEMES:
+            raise ValueError(f"must start with one of {', '.join(s + '://' for s in sorted(REDIS_SCHEMES))}")
+        if "+" in parts.scheme:
+            try:
+                hosts_of(parts.netloc)
+            except ValueError as exc:
+                raise ValueError(f"the hosts must be host:port,host:port: {exc}") from None
+            if parts.scheme.endswith("+sentinel") and not parts.path.strip("/"):
+                raise ValueError("a redis+sentinel:// URL needs the master's name as its path")
+            return value
         try:
             parts.port  # noqa: B018 - parsing the port is the check
         except ValueError:
@@ -199,6 +214,11 @@ class Settings(BaseSettings):
         return self.state_dir.absolute() / "registry" / "redis.sock"
 
     @property
+    def redis_tls(self) -> TlsFiles:
+        """The TLS files for rediss:// URLs."""
+        return TlsFiles(self.redis_ca_file, self.redis_cert_file, self.redis_key_file)
+
+    @property
     def redis_url_redacted(self) -> str | None:
         """The Redis URL with any password replaced, safe for logs and status."""
         if self.redis_url is None:
@@ -226,10 +246,16 @@ def load_settings(config_path: Path | None = None) -> Settings:
     elif explicit:
         problems.append(Problem(str(path), "", "config file does not exist"))
     problems.extend(_unknown_variables(env))
+    for name in list(data):
+        if ENV_PREFIX + name.upper() in env:
+            del data[name]  # the variable replaces the file's value (a table as a whole, not field by field)
     try:
         settings = Settings(**data)
     except ValidationError as exc:
         problems.extend(_problems_from(exc, path, env))
+    except SettingsError as exc:  # a variable holding a table (EMP_AGENT_MATCHING) that is not JSON
+        field = str(exc).split('"')[1] if '"' in str(exc) else ""
+        problems.append(Problem("environment", ENV_PREFIX + field.upper(), "not valid JSON (a table is given as JSON)"))
     if problems:
         raise ConfigError(problems)
     return settings
@@ -252,7 +278,8 @@ def _problems_from(exc: ValidationError, path: Path, env: Mapping[str, str]) -> 
         message = "unknown setting (typo?)" if error["type"] == "extra_forbidden" else error["msg"]
         message = message.removeprefix("Value error, ")
         if variable in env:
-            problems.append(Problem("environment", variable, message))
+            inner = ".".join(str(part) for part in error["loc"][1:])
+            problems.append(Problem("environment", variable, f"{inner}: {message}" if inner else message))
         else:
             problems.append(Problem(str(path), field, message))
     return problems

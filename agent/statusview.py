@@ -143,7 +143,7 @@ def _or_dash(value: Any, unit: str = "") -> str:
 def render_fingerprint(data: dict[str, Any], colour: bool = False) -> str:
     """`emp-agent detect` for a human: host line, driver line, one row per GPU (MIG devices below their GPU)."""
     host = data["host"]
-    gpu = data["gpu"]
+    gpu = data["gpus"]
     lines = [
         f"host     {host['hostname']}  {host['os']}  kernel {host['kernel']}  {host['arch']}",
         f"cpu      {host['cpu_model']}  {host['cpu_logical']} logical / {_or_dash(host['cpu_physical'])} physical",
@@ -207,7 +207,7 @@ def render_fingerprint(data: dict[str, Any], colour: bool = False) -> str:
     lines += _table(rows, healths, 9, colour)
     for g in gpu["gpus"]:
         for reason in g["health_reasons"]:
-            lines.append(f"GPU {g['index']}: {reason}")
+            lines.append(f"GPU {g['index']} {g['health']}: {reason}")
     if gpu.get("hidden"):
         lines.append(f"hidden   GPU {', '.join(map(str, gpu['hidden']))} (CUDA_VISIBLE_DEVICES or gpu.select)")
     return "\n".join(lines) + "\n"

@@ -30,7 +30,10 @@ class Detect:
             log.info("no NVIDIA GPU driver: CPU-only host", reason=ctx.gpus.message)
         elif ctx.gpus.state is not GpuState.AVAILABLE:
             log.error("GPU probe failed", state=ctx.gpus.state.value, reason=ctx.gpus.message)
-        ctx.degraded.update(gpu_problems(ctx.gpus, ctx.profile.gpu))
+        problems = gpu_problems(ctx.gpus, ctx.profile.gpu)
+        for key, reason in problems.items():
+            log.warning("GPU problem: the machine will be degraded", problem=key, reason=reason)
+        ctx.degraded.update(problems)
         count = len(ctx.gpus.gpus)
         host = ctx.host
         hidden = f", {len(ctx.gpus.hidden)} hidden" if ctx.gpus.hidden else ""
@@ -70,7 +73,13 @@ def gpu_shortfall(need: GpuRequirement, report: GpuReport) -> str | None:
     wanted = f"{need.min_count} healthy GPU(s)"
     wanted += f" matching {need.product!r}" if need.product else ""
     wanted += f" with >= {need.min_memory_mib} MiB" if need.min_memory_mib else ""
-    have = f"host has {len(eligible)}"
-    others = [f"GPU {g.index} {g.name or '?'} {g.memory_total_mib or '?'} MiB {g.health.value}" for g in report.gpus]
-    others = [o for o, g in zip(others, report.gpus, strict=True) if g not in eligible]
-    return f"profile needs {wanted}, {have}" + (f" (not counted: {', '.join(others)})" if others else "")
+    counted = {g.index for g in eligible}
+    others = [
+        f"GPU {g.index} ({g.name or 'unnamed'}, {g.memory_total_mib if g.memory_total_mib is not None else '?'} MiB, "
+        f"{g.health.value})"
+        for g in report.gpus
+        if g.index not in counted
+    ]
+    return f"profile needs {wanted}, host has {len(eligible)}" + (
+        f"; not counted: {', '.join(others)}" if others else ""
+    )

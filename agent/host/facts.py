@@ -54,6 +54,12 @@ def read_host_facts(model_root: Path) -> HostFacts:
     )
 
 
+def read_host_readings(model_root: Path) -> tuple[int, int]:
+    """What moves: available memory and free space under the model root, in MiB (cheap: for every heartbeat)."""
+    disk = psutil.disk_usage(str(existing_ancestor(model_root)))
+    return psutil.virtual_memory().available // MIB, disk.free // MIB
+
+
 def existing_ancestor(path: Path) -> Path:
     """The path itself or its nearest parent that exists."""
     path = path.absolute()

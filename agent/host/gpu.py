@@ -31,6 +31,7 @@ class MigDevice:
 
     index: int
     uuid: str
+    name: str | None = None
     gpu_instance_id: int | None = None
     compute_instance_id: int | None = None
     memory_total_mib: int | None = None
@@ -212,51 +213,91 @@ class GpuProbe(Protocol):
 
 
 def visible(report: GpuReport, cuda_visible_devices: str | None, select: list[str] | None = None) -> GpuReport:
-    """The GPUs this agent may use: the ones CUDA_VISIBLE_DEVICES names (by NVML index or UUID prefix, CUDA's
-    rules: unset means all, empty means none, the list ends at the first entry that names no GPU) and then the
-    profile's `select` list (indexes or UUIDs). The others are listed in `hidden`, with the reason in `message`."""
-    gpus = report.gpus
+    """The GPUs this agent may use: the ones CUDA_VISIBLE_DEVICES names (NVML index, GPU UUID or unique UUID
+    prefix, or a MIG device's UUID, which keeps its GPU with only the named MIG devices; CUDA's rules: unset means
+    all, empty means none, the list ends at the first entry that names nothing) and then the profile's `select`
+    (same forms). The others are listed in `hidden`, with the reason in `message`. GPUs stay in index order."""
+    picked: dict[int, set[str] | None] = {g.index: None for g in report.gpus}
     notes: list[str] = []
     if cuda_visible_devices is not None:
-        gpus, note = _pick(gpus, cuda_visible_devices.split(","), "CUDA_VISIBLE_DEVICES", stop_at_unknown=True)
-        notes += note
+        picked = _pick(report.gpus, picked, cuda_visible_devices.split(","), "CUDA_VISIBLE_DEVICES", notes, True)
     if select:
-        gpus, note = _pick(gpus, select, "profile gpu.select", stop_at_unknown=False)
-        notes += note
-    if len(gpus) == len(report.gpus):
+        picked = _pick(report.gpus, picked, select, "profile gpu.select", notes, False)
+    gpus = []
+    for gpu in report.gpus:
+        if gpu.index not in picked:
+            continue
+        migs = picked[gpu.index]
+        gpus.append(gpu if migs is None else replace(gpu, mig_devices=[m for m in gpu.mig_devices if m.uuid in migs]))
+    if gpus == report.gpus and not notes:
         return report
-    kept = {g.index for g in gpus}
-    hidden = [g.index for g in report.gpus if g.index not in kept]
-    message = "; ".join([report.message, f"{len(hidden)} GPU(s) not visible to this agent", *notes])
-    return replace(report, gpus=gpus, hidden=hidden, message=message.strip("; "))
+    hidden = [g.index for g in report.gpus if g.index not in picked]
+    said = [f"{len(hidden)} GPU(s) not visible to this agent"] if hidden else []
+    message = "; ".join(part for part in [report.message, *said, *notes] if part)
+    return replace(report, gpus=gpus, hidden=hidden, message=message)
 
 
 def _pick(
-    gpus: list[GpuInfo], entries: list[str], where: str, stop_at_unknown: bool
-) -> tuple[list[GpuInfo], list[str]]:
-    chosen: list[GpuInfo] = []
-    notes: list[str] = []
+    gpus: list[GpuInfo],
+    allowed: dict[int, set[str] | None],
+    entries: list[str],
+    where: str,
+    notes: list[str],
+    stop_at_unknown: bool,
+) -> dict[int, set[str] | None]:
+    """Narrow `allowed` (GPU index -> None for the whole GPU, or the MIG UUIDs kept) to what `entries` name."""
+    candidates = [g for g in gpus if g.index in allowed]
+    chosen: dict[int, set[str] | None] = {}
     for raw in entries:
         entry = raw.strip()
         if not entry:
             continue
-        match = _match(gpus, entry)
-        if match is None:
+        found = _match(candidates, allowed, entry)
+        if found is None:
             if stop_at_unknown:
                 notes.append(f"{where} entry {entry!r} names no GPU; CUDA ignores it and every entry after it")
                 break
-            notes.append(f"{where} entry {entry!r} names no GPU")
+            notes.append(f"{where} entry {entry!r} names no GPU this agent may use")
             continue
-        if match not in chosen:
-            chosen.append(match)
-    return chosen, notes
+        gpu, mig = found
+        if mig is None:
+            chosen[gpu.index] = allowed[gpu.index]
+        elif gpu.index not in chosen or chosen[gpu.index] is not None:
+            mine = chosen.get(gpu.index)
+            chosen[gpu.index] = (mine or set()) | {mig}
+    return chosen
 
 
-def _match(gpus: list[GpuInfo], entry: str) -> GpuInfo | None:
-    if entry.isdigit():
-        return next((g for g in gpus if g.index == int(entry)), None)
+def _match(gpus: list[GpuInfo], allowed: dict[int, set[str] | None], entry: str) -> tuple[GpuInfo, str | None] | None:
+    if entry.isascii() and entry.isdigit():
+        return next(((g, None) for g in gpus if g.index == int(entry)), None)
+    if entry.upper().startswith("MIG-"):
+        migs = [
+            (g, m.uuid)
+            for g in gpus
+            for m in g.mig_devices
+            if m.uuid.startswith(entry) and (allowed[g.index] is None or m.uuid in (allowed[g.index] or set()))
+        ]
+        return migs[0] if len(migs) == 1 else None
     found = [g for g in gpus if g.uuid and (g.uuid.startswith(entry) or g.uuid.startswith(f"GPU-{entry}"))]
-    return found[0] if len(found) == 1 else None  # an ambiguous prefix names no GPU, as in CUDA
+    return (found[0], None) if len(found) == 1 else None  # an ambiguous prefix names no GPU, as in CUDA
+
+
+def follow(report: GpuReport, mine: GpuReport) -> GpuReport:
+    """After the bootstrap, keep exactly the GPUs this agent took at boot (by UUID, and by index for a GPU NVML
+    could not name), with the MIG devices it took: indexes shift when a GPU drops out, UUIDs do not."""
+    uuids = {g.uuid: g for g in mine.gpus if g.uuid}
+    unnamed = {g.index for g in mine.gpus if not g.uuid}
+    gpus = []
+    for gpu in report.gpus:
+        if gpu.uuid in uuids:
+            kept = {m.uuid for m in uuids[gpu.uuid].mig_devices}
+            whole = not uuids[gpu.uuid].mig_enabled
+            gpus.append(gpu if whole else replace(gpu, mig_devices=[m for m in gpu.mig_devices if m.uuid in kept]))
+        elif gpu.uuid is None and gpu.index in unnamed:
+            gpus.append(gpu)
+    hidden = [g.index for g in report.gpus if not (g.uuid in uuids or (g.uuid is None and g.index in unnamed))]
+    return replace(report, gpus=gpus, hidden=hidden)
 
 
 def product_matches(name: str | None, pattern: str) -> bool:
@@ -264,10 +305,28 @@ def product_matches(name: str | None, pattern: str) -> bool:
     return name is not None and fnmatch.fnmatchcase(name.lower(), pattern.lower())
 
 
+#: What a GPU is: a value that was known and now fails to read (a transient NVML error) keeps its last value, so
+#: one flaky call neither changes caps_hash nor forgets the GPU's identity.
+CARRIED = ("name", "architecture", "pci_bus_id", "memory_total_mib", "compute_capability", "power_limit_w")
+
+
+def _carry(old: GpuInfo, gpu: GpuInfo) -> GpuInfo:
+    kept = {f: getattr(old, f) for f in CARRIED if getattr(gpu, f) is None and getattr(old, f) is not None}
+    if gpu.persistence_mode is None and old.persistence_mode is not None:
+        kept["persistence_mode"] = old.persistence_mode
+    unread = [k for k, why in gpu.errors.items() if k.startswith("ecc.") and why != "not_supported"]
+    if gpu.healthy and not old.healthy and old.health is not GpuHealth.LOST and unread:
+        # a health counter that could not be read is no evidence the fault went away
+        kept["health"] = old.health
+        kept["health_reasons"] = [*old.health_reasons, f"(health counters unreadable at the last probe: {unread[0]})"]
+    return replace(gpu, **kept) if kept else gpu
+
+
 def reconcile(previous: GpuReport, fresh: GpuReport) -> tuple[GpuReport, list[dict[str, Any]]]:
     """The fresh report, keeping sight of every GPU seen before: one that vanished, or that NVML lost before
-    naming it, stays listed as lost; a failed probe leaves the GPUs unhealthy with its reason. Returns the report
-    and one change per GPU whose health moved."""
+    naming it, stays listed as lost; a failed probe leaves the GPUs unhealthy with its reason; a field or health
+    counter that fails to read keeps its last value. Returns the report and one change per GPU whose health
+    moved."""
     if fresh.state is not GpuState.AVAILABLE and previous.state is GpuState.AVAILABLE:
         reason = f"probe {fresh.state.value}: {fresh.message}"
         gpus = [replace(g, health=GpuHealth.UNHEALTHY, health_reasons=[reason]) for g in previous.gpus]
@@ -275,12 +334,15 @@ def reconcile(previous: GpuReport, fresh: GpuReport) -> tuple[GpuReport, list[di
     elif fresh.state is not GpuState.AVAILABLE:
         merged = replace(fresh, gpus=previous.gpus, hidden=previous.hidden) if previous.gpus else fresh
     else:
+        by_uuid = {g.uuid: g for g in previous.gpus if g.uuid}
         by_index = {g.index: g for g in previous.gpus}
         gpus = []
         for gpu in fresh.gpus:
-            old = by_index.get(gpu.index)
-            if gpu.uuid is None and old is not None and old.uuid is not None:
-                gpu = replace(old, health=gpu.health, health_reasons=gpu.health_reasons, errors=gpu.errors)
+            old = by_uuid.get(gpu.uuid) if gpu.uuid else None
+            if gpu.uuid is None and (named := by_index.get(gpu.index)) is not None and named.uuid is not None:
+                gpu = replace(named, health=gpu.health, health_reasons=gpu.health_reasons, errors=gpu.errors)
+            elif old is not None:
+                gpu = _carry(old, gpu)
             gpus.append(gpu)
         seen = {g.uuid for g in gpus if g.uuid}
         for old in previous.gpus:

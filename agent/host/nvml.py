@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -61,6 +62,9 @@ class _Fields:
             if name == "gpu_is_lost":
                 raise _Lost from None
             self.errors[key] = name
+            return None
+        except Exception as exc:  # a binding that answers something unexpected spoils this field, not the probe
+            self.errors[key] = f"{type(exc).__name__}: {str(exc)[:200]}"
             return None
 
 
@@ -126,7 +130,7 @@ def _read_one(nvml: Any, index: int) -> GpuInfo:
         uuid = _text(nvml.nvmlDeviceGetUUID(handle))
     except nvml.NVMLError as exc:
         name = error_name(nvml, exc)
-        reason = "lost: NVML reports the GPU fallen off the bus" if name == "gpu_is_lost" else f"unreadable: {name}"
+        reason = "NVML reports the GPU fallen off the bus" if name == "gpu_is_lost" else f"unreadable: {name}"
         return GpuInfo(index=index, uuid=None, health=GpuHealth.LOST, health_reasons=[reason], errors={"uuid": name})
     try:
         return _read_fields(nvml, index, handle, uuid, fields)
@@ -135,7 +139,7 @@ def _read_one(nvml: Any, index: int) -> GpuInfo:
             index=index,
             uuid=uuid,
             health=GpuHealth.LOST,
-            health_reasons=["lost: NVML reports the GPU fallen off the bus"],
+            health_reasons=["NVML reports the GPU fallen off the bus"],
             errors={**fields.errors, "device": "gpu_is_lost"},
         )
 
@@ -237,6 +241,7 @@ def _read_mig_device(nvml: Any, mig: Any, slot: int, uuid: str) -> MigDevice:
     return MigDevice(
         index=slot,
         uuid=uuid,
+        name=m.get("name", lambda: _text(nvml.nvmlDeviceGetName(mig))),
         gpu_instance_id=m.get("gpu_instance_id", lambda: int(nvml.nvmlDeviceGetGpuInstanceId(mig))),
         compute_instance_id=m.get("compute_instance_id", lambda: int(nvml.nvmlDeviceGetComputeInstanceId(mig))),
         memory_total_mib=memory.total // MIB if memory is not None else None,
@@ -246,44 +251,74 @@ def _read_mig_device(nvml: Any, mig: Any, slot: int, uuid: str) -> MigDevice:
     )
 
 
-class NvmlProbe:
-    """Runs `read_gpus(pynvml)` in `python -m agent.host.nvml` and kills it at the deadline."""
+#: What the probe child inherits from the agent: enough to find the driver library, nothing secret.
+CHILD_ENV = ("PATH", "LD_LIBRARY_PATH", "LANG", "LC_ALL")
+#: After SIGKILL, how long to wait for the child to go (one stuck in the driver, state D, may never).
+REAP_TIMEOUT_S = 5.0
 
-    def __init__(self, timeout_s: float, python: str = sys.executable, module: str = "agent.host.nvml") -> None:
+
+class NvmlProbe:
+    """Runs `read_gpus(pynvml)` in `python -P -m agent.host.nvml` and kills it at the deadline. The child gets a
+    minimal environment and never imports from the working directory."""
+
+    def __init__(
+        self,
+        timeout_s: float,
+        python: str = sys.executable,
+        module: str = "agent.host.nvml",
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         self._timeout_s = timeout_s
         self._python = python
         self._module = module
+        self._env = {k: v for k, v in os.environ.items() if k in CHILD_ENV} | (extra_env or {})
 
     async def probe(self) -> GpuReport:
         """Probe now; never raises for GPU trouble, the report says what happened."""
-        proc = await asyncio.create_subprocess_exec(
-            self._python,
-            "-m",
-            self._module,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                self._python,
+                "-P",
+                "-m",
+                self._module,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=self._env,
+            )
+        except OSError as exc:
+            return GpuReport(GpuState.ERROR, f"cannot start the NVML probe ({self._python}): {exc.strerror or exc}")
         try:
             out, err = await asyncio.wait_for(proc.communicate(), self._timeout_s)
         except asyncio.CancelledError:
-            proc.kill()
-            await asyncio.shield(proc.wait())
+            await self._kill(proc)
             raise
         except TimeoutError:
-            proc.kill()
-            await proc.wait()
+            reaped = await self._kill(proc)
+            stuck = "" if reaped else " and could not be killed (stuck in the driver: reboot the host)"
             return GpuReport(
                 GpuState.TIMEOUT,
-                f"NVML probe did not answer within {self._timeout_s:g}s (wedged GPU or driver?); carrying on",
+                f"NVML probe did not answer within {self._timeout_s:g}s{stuck} (wedged GPU or driver?); carrying on",
             )
         if proc.returncode != 0:
-            tail = err.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
-            return GpuReport(GpuState.ERROR, f"NVML probe exited {proc.returncode}: {tail[0]}")
+            tail = err[-2000:].decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+            return GpuReport(GpuState.ERROR, f"NVML probe exited {proc.returncode}: {tail[0][:300]}")
         try:
             return GpuReport.from_dict(json.loads(out))
-        except (ValueError, TypeError, KeyError) as exc:
-            return GpuReport(GpuState.ERROR, f"NVML probe answered something unreadable: {exc}")
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            shown = out[:200].decode(errors="replace")
+            return GpuReport(GpuState.ERROR, f"NVML probe answered something unreadable ({exc}): {shown!r}")
+
+    @staticmethod
+    async def _kill(proc: asyncio.subprocess.Process) -> bool:
+        """SIGKILL and reap with a bound; False when the child would not go."""
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        try:
+            await asyncio.wait_for(asyncio.shield(proc.wait()), REAP_TIMEOUT_S)
+        except TimeoutError:
+            return False
+        return True
 
 
 def _probe_main() -> int:

@@ -1,30 +1,69 @@
-"""Talking to Redis: write, refresh and remove the machine record; redis errors become RegistryError here."""
+"""Talking to Redis through the emp_v1 function library: register, heartbeat, deregister (each one round trip);
+redis errors become RegistryError here."""
 
 from __future__ import annotations
 
 import contextlib
 import json
-from typing import Any, Protocol, cast
+from dataclasses import dataclass
+from enum import StrEnum
+from importlib import resources
+from typing import Any, Protocol
 
-import redis.asyncio as redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from agent.errors import RegistryError
 from agent.redact import redact_url
 from agent.registry import keys
+from agent.registry.connection import open_client
+from agent.registryurl import TlsFiles
 
-TIMEOUT_S = 5.0
+LIBRARY = resources.files("agent.registry").joinpath("library.lua").read_text(encoding="utf-8")
+REVISION = 1
+#: Events kept in each machine's stream (approximately: XADD MAXLEN ~).
+STREAM_MAXLEN = 1000
+#: How long a machine's event stream outlives its last registration.
+STREAM_TTL_MS = 7 * 24 * 3600 * 1000
+
+
+class Reply(StrEnum):
+    """What the server said to a heartbeat or deregistration."""
+
+    OK = "OK"
+    NOT_REGISTERED = "NOT_REGISTERED"  # the record is missing or expired: register again
+    FENCED = "FENCED"  # a newer registration (epoch) owns this machine id: stop writing
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The reply, the epoch that owns the record (ours, or the newer one for FENCED), and the server's time."""
+
+    reply: Reply
+    epoch: int
+    now_ms: int = 0
 
 
 class Registry(Protocol):
     """Where the machine record lives."""
 
-    async def write(self, machine_id: str, record: dict[str, Any], ttl_s: int) -> int:
-        """Write the record with a TTL and refresh the fleet index; returns the server time in ms."""
+    async def register(self, machine_id: str, fields: dict[str, str], ttl_s: int, events: list[str]) -> Answer:
+        """Create the record under a new epoch (returned as the answer's value)."""
         ...
 
-    async def remove(self, machine_id: str) -> None:
-        """Delete the record and its fleet index entry."""
+    async def heartbeat(
+        self,
+        machine_id: str,
+        epoch: int,
+        fields: dict[str, str],
+        ttl_s: int,
+        events: list[str],
+        publish: list[tuple[str, str]],
+    ) -> Answer:
+        """Refresh the record if `epoch` still owns it, append events, publish messages; one round trip."""
+        ...
+
+    async def deregister(self, machine_id: str, epoch: int, events: list[str]) -> Answer:
+        """Delete the record if `epoch` still owns it, and the fleet index entry."""
         ...
 
     async def aclose(self) -> None:
@@ -33,45 +72,88 @@ class Registry(Protocol):
 
 
 class RedisRegistry:
-    """Registry on a Redis (or Valkey) server given by URL."""
+    """Registry on a Redis (or Valkey) server, Sentinel-managed master or Cluster, given by URL."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, tls: TlsFiles | None = None) -> None:
         self._shown = redact_url(url)
-        self._client = redis.Redis.from_url(
-            url, socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S, decode_responses=True
-        )
+        self._client = open_client(url, tls)
+        self._loaded = False
 
-    async def write(self, machine_id: str, record: dict[str, Any], ttl_s: int) -> int:
-        key = keys.machine_key(machine_id)
+    async def _ensure_library(self, force: bool = False) -> None:
+        """Load our function library unless the server already holds this revision or a newer one."""
+        if self._loaded and not force:
+            return
         try:
-            seconds, micros = await self._client.time()
-            now_ms = int(seconds) * 1000 + int(micros) // 1000
-            fields = {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in record.items()}
-            fields["last_heartbeat_ms"] = str(now_ms)
-            # The capabilities are written only when their hash differs from the one Redis holds (first beat,
-            # a change, or the record expired); every other beat carries the small fields alone.
-            republish = "caps_hash" not in record or await self._client.hget(key, "caps_hash") != record["caps_hash"]
-            if not republish:
-                fields.pop("capabilities", None)
-            async with self._client.pipeline(transaction=True) as pipe:
-                if republish:
-                    pipe.delete(key)
-                pipe.hset(key, mapping=cast(Any, fields))  # redis-py's Mapping type is invariant in its key
-                pipe.expire(key, ttl_s)
-                pipe.zadd(keys.FLEET_INDEX, {machine_id: now_ms})
-                await pipe.execute()
-        except (RedisError, OSError) as exc:
-            raise self._translate(exc) from None
-        return now_ms
+            revision = int(await self._client.fcall("emp_v1_revision", 0))
+        except ResponseError as exc:
+            if "unknown command" in str(exc).lower():
+                raise RegistryError(f"{self._shown}: the registry needs Redis 7.0 or newer (functions)") from None
+            revision = 0
+        if revision < REVISION:
+            await self._client.function_load(LIBRARY, replace=True)
+        self._loaded = True
 
-    async def remove(self, machine_id: str) -> None:
-        try:
-            async with self._client.pipeline(transaction=True) as pipe:
-                pipe.delete(keys.machine_key(machine_id))
-                pipe.zrem(keys.FLEET_INDEX, machine_id)
-                await pipe.execute()
-        except (RedisError, OSError) as exc:
-            raise self._translate(exc) from None
+    async def _call(self, build: Any) -> list[Any]:
+        """Run a pipeline built by `build(pipe)`, loading the library first, and once more if the server lost it."""
+        for attempt in (1, 2):
+            try:
+                await self._ensure_library(force=attempt == 2)
+                async with self._client.pipeline(transaction=False) as pipe:
+                    build(pipe)
+                    return list(await pipe.execute(raise_on_error=True))
+            except ResponseError as exc:
+                if attempt == 1 and "function not found" in str(exc).lower():
+                    continue  # a restarted server without persistence: load and retry once
+                raise self._translate(exc) from None
+            except (RedisError, OSError) as exc:
+                raise self._translate(exc) from None
+        raise AssertionError("unreachable")
+
+    async def register(self, machine_id: str, fields: dict[str, str], ttl_s: int, events: list[str]) -> Answer:
+        record, counter, stream = keys.machine_key(machine_id), keys.epoch_key(machine_id), keys.events_key(machine_id)
+        args = [json.dumps(fields), ttl_s * 1000, STREAM_MAXLEN, STREAM_TTL_MS, *events]
+
+        def build(pipe: Any) -> None:
+            pipe.fcall("emp_v1_register", 3, record, counter, stream, *args)
+            pipe.fcall("emp_v1_index", 1, keys.FLEET_INDEX, machine_id, "seen")
+
+        epoch, now = (await self._call(build))[0]
+        return Answer(Reply.OK, int(epoch), int(now))
+
+    async def heartbeat(
+        self,
+        machine_id: str,
+        epoch: int,
+        fields: dict[str, str],
+        ttl_s: int,
+        events: list[str],
+        publish: list[tuple[str, str]],
+    ) -> Answer:
+        record, stream = keys.machine_key(machine_id), keys.events_key(machine_id)
+        args = [str(epoch), json.dumps(fields), ttl_s * 1000, STREAM_MAXLEN, *events]
+
+        def build(pipe: Any) -> None:
+            pipe.fcall("emp_v1_heartbeat", 2, record, stream, *args)
+            pipe.fcall("emp_v1_index", 1, keys.FLEET_INDEX, machine_id, "seen")
+            for channel, message in publish:
+                pipe.publish(channel, message)
+
+        reply, value = (await self._call(build))[0]
+        if reply == Reply.OK:
+            return Answer(Reply.OK, epoch, int(value))
+        return Answer(Reply(reply), int(value))
+
+    async def deregister(self, machine_id: str, epoch: int, events: list[str]) -> Answer:
+        record, stream = keys.machine_key(machine_id), keys.events_key(machine_id)
+
+        def build(pipe: Any) -> None:
+            pipe.fcall("emp_v1_deregister", 2, record, stream, str(epoch), STREAM_MAXLEN, *events)
+
+        reply, value = (await self._call(build))[0]
+        answer = Answer(Reply(reply), int(value))
+        if answer.reply is Reply.OK:
+            await self._call(lambda pipe: pipe.fcall("emp_v1_index", 1, keys.FLEET_INDEX, machine_id, "gone"))
+        return answer
 
     async def aclose(self) -> None:
         with contextlib.suppress(RedisError, OSError):
@@ -79,4 +161,8 @@ class RedisRegistry:
 
     def _translate(self, exc: BaseException) -> RegistryError:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "certificate verify failed" in message.lower():
+            message += " (is redis_ca_file the CA that signed the server's certificate?)"
+        if "noperm" in message.lower() or "no permissions" in message.lower():
+            message += " (the Redis ACL user needs ~emp:* keys, &emp:* &machine:status:* channels, FCALL and FUNCTION)"
         return RegistryError(f"{self._shown}: {type(exc).__name__}: {message}")

@@ -1,9 +1,12 @@
-"""The heartbeat: write the machine record every interval (with jitter) until shutdown; never fatal."""
+"""The heartbeat: register under a fencing epoch, then refresh the machine record every interval (with jitter),
+carrying queued events; re-register when the record is gone; stop for good when a newer agent owns the id."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import random
+from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -12,16 +15,23 @@ import structlog
 
 from agent.errors import RegistryError
 from agent.registry import keys
-from agent.registry.client import Registry
+from agent.registry.client import Registry, Reply
 
 log = structlog.get_logger(__name__)
 JITTER = 0.1
 DEREGISTER_TIMEOUT_S = 3.0
 KICK_DELAY_S = 0.2
+#: Events kept while Redis is unreachable; beyond this the oldest are dropped (and counted).
+EVENT_QUEUE = 1000
+#: Events sent with one beat at most (the rest go with the next).
+EVENTS_PER_BEAT = 200
+#: A re-registration waits up to this fraction of the interval, so a fleet whose Redis lost its data does not
+#: come back in one burst.
+REREGISTER_SPREAD = 0.2
 
 
 class Heartbeat:
-    """Keeps the machine record alive; reconnects by simply trying again on the next beat."""
+    """Keeps the machine record alive; reconnects by trying again each interval (the interval is the cap)."""
 
     def __init__(
         self,
@@ -30,37 +40,125 @@ class Heartbeat:
         interval_s: float,
         record: Callable[[], dict[str, Any]],
         unit_random: Callable[[], float] = random.random,
+        compat: Callable[[str], dict[str, Any]] | None = None,
     ) -> None:
         self._registry = registry
         self._machine_id = machine_id
         self._interval_s = interval_s
         self._record = record
         self._random = unit_random
+        self._compat = compat
         self.connected = False
         self.last_heartbeat: str | None = None
         self.last_error: str | None = None
         self.beats = 0
+        self.epoch: int | None = None
+        self.fenced_by: int | None = None
+        self.events_dropped = 0
+        self._events: deque[str] = deque()
+        self._acked_caps: str | None = None
+        self._deregistered = False
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._kick = asyncio.Event()
         self._kick_pending = False
+        self._kicked = False
+
+    # ---- events ------------------------------------------------------------------------------------------
+
+    def publish(self, event: dict[str, Any]) -> None:
+        """Queue an event for the machine's stream; sent with the next beat (soon: this kicks one)."""
+        self._queue([json.dumps({"machine_id": self._machine_id, **event}, sort_keys=True, default=str)], front=False)
+        self.kick()
+
+    @property
+    def queued(self) -> int:
+        """Events waiting to be sent."""
+        return len(self._events)
+
+    def _queue(self, events: list[str], front: bool) -> None:
+        for event in reversed(events) if front else events:
+            if len(self._events) >= EVENT_QUEUE:
+                self.events_dropped += 1
+                if front:
+                    continue  # the older event is the one that goes
+                self._events.popleft()
+            if front:
+                self._events.appendleft(event)
+            else:
+                self._events.append(event)
+
+    def _take_events(self) -> list[str]:
+        return [self._events.popleft() for _ in range(min(EVENTS_PER_BEAT, len(self._events)))]
+
+    # ---- beating -----------------------------------------------------------------------------------------
 
     async def beat(self) -> None:
         """Write the record once; raises RegistryError (and records it) when Redis does not take it."""
+        if self.fenced_by is not None or self._deregistered:
+            return
+        record = self._record()
+        fields = {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in record.items()}
+        events = self._take_events()
+        update = "event_driven" if self._kicked else "periodic"
+        self._kicked = False
+        ttl = keys.ttl_for(self._interval_s)
         try:
-            now_ms = await self._registry.write(self._machine_id, self._record(), keys.ttl_for(self._interval_s))
+            if self.epoch is None:
+                answer = await self._registry.register(self._machine_id, fields, ttl, events)
+                self.epoch = answer.epoch
+                log.info("registered", machine_id=self._machine_id, epoch=self.epoch, beats=self.beats)
+            else:
+                caps = record.get("caps_hash")
+                if caps is not None and caps == self._acked_caps:
+                    fields.pop("capabilities", None)  # unchanged: the small fields alone
+                publish = (
+                    [(keys.compat_channel(self._machine_id), json.dumps(self._compat(update)))]
+                    if (self._compat)
+                    else []
+                )
+                answer = await self._registry.heartbeat(self._machine_id, self.epoch, fields, ttl, events, publish)
+                if answer.reply is Reply.NOT_REGISTERED:
+                    self._lost_record(events)
+                    return
+                if answer.reply is Reply.FENCED:
+                    self._fenced(answer.epoch)
+                    return
         except RegistryError as exc:
+            self._queue(events, front=True)
             if self.connected or self.last_error != str(exc):
                 log.warning("registry unreachable; will keep trying", error=str(exc))
             self.connected = False
             self.last_error = str(exc)
             raise
-        if not self.connected:
-            log.info("registered", machine_id=self._machine_id, beats=self.beats)
+        self._acked_caps = record.get("caps_hash")
         self.connected = True
         self.last_error = None
         self.beats += 1
-        self.last_heartbeat = datetime.fromtimestamp(now_ms / 1000, UTC).isoformat(timespec="milliseconds")
+        self.last_heartbeat = datetime.fromtimestamp(answer.now_ms / 1000, UTC).isoformat(timespec="milliseconds")
+
+    def _lost_record(self, events: list[str]) -> None:
+        """The record expired or Redis lost its data: register again soon, with what was not yet sent."""
+        log.warning("machine record missing in Redis (expired, or the server lost its data); registering again")
+        self.epoch = None
+        self._acked_caps = None
+        self._queue(events, front=True)
+        self.connected = False
+        self.last_error = "record missing; registering again"
+        delay = self._interval_s * REREGISTER_SPREAD * self._random()
+        asyncio.get_running_loop().call_later(delay, self._kick.set)
+
+    def _fenced(self, owner: int) -> None:
+        """A newer agent registered this machine id: never write again (no flapping); say so loudly."""
+        self.fenced_by = owner
+        self.connected = False
+        self.last_error = (
+            f"fenced: another agent registered machine id {self._machine_id} (epoch {owner} > ours {self.epoch}); "
+            "this agent no longer writes to the registry. Two hosts sharing one id (a cloned image?) must be "
+            "given their own (remove <state_dir>/machine-id and /etc/machine-id, then restart)."
+        )
+        log.error("registry write fenced", machine_id=self._machine_id, epoch=self.epoch, owner_epoch=owner)
+        self._stopping.set()
 
     def start(self) -> None:
         """Beat every interval from now on (no-op when already running)."""
@@ -68,14 +166,15 @@ class Heartbeat:
             self._task = asyncio.create_task(self._loop(), name="heartbeat")
 
     def kick(self) -> None:
-        """Beat soon instead of at the next interval (the phase changed). Kicks within KICK_DELAY_S coalesce,
-        and the beat stays out of the way of a restart that caused the change."""
-        if self._kick_pending:
+        """Beat soon instead of at the next interval (the phase changed, an event waits). Kicks within
+        KICK_DELAY_S coalesce, and the beat stays out of the way of a restart that caused the change."""
+        if self._kick_pending or self._task is None:
             return
         self._kick_pending = True
 
         def fire() -> None:
             self._kick_pending = False
+            self._kicked = True
             self._kick.set()
 
         asyncio.get_running_loop().call_later(KICK_DELAY_S, fire)
@@ -102,16 +201,21 @@ class Heartbeat:
                 log.exception("heartbeat failed; trying again next interval")
 
     async def stop(self, deregister: bool = True) -> None:
-        """Stop beating and, by default, remove the record (bounded wait: shutdown never hangs on Redis)."""
+        """Stop beating and, by default, remove the record (bounded wait: shutdown never hangs on Redis). Once
+        deregistered, no later beat writes the record again."""
         self._stopping.set()
         if self._task is not None:
             await self._task
             self._task = None
-        if deregister:
+        if deregister and self.epoch is not None and self.fenced_by is None:
             try:
                 async with asyncio.timeout(DEREGISTER_TIMEOUT_S):
-                    await self._registry.remove(self._machine_id)
-                log.info("deregistered", machine_id=self._machine_id)
+                    answer = await self._registry.deregister(self._machine_id, self.epoch, self._take_events())
+                self._deregistered = True
+                if answer.reply is Reply.FENCED:
+                    log.warning("not deregistering: a newer agent owns this machine id", owner_epoch=answer.epoch)
+                else:
+                    log.info("deregistered", machine_id=self._machine_id)
             except (RegistryError, TimeoutError) as exc:
                 log.warning("could not deregister; the record expires by its TTL", error=str(exc) or "timeout")
             self.connected = False

@@ -47,6 +47,7 @@ class InstanceSpec:
     resource_interval_s: float = 2.0
     port: int | None = None
     gpu: GpuInfo | None = None
+    per_gpu: bool = False
     capabilities: tuple[str, ...] = ()
     depends_on: tuple[str, ...] = ()
     required: bool = True
@@ -77,6 +78,7 @@ def expand(
     """All instances of all services in dependency order; ports are allocated free and recorded in `taken_ports`,
     except for instances named in `keep_ports`, which keep the port they have (re-expansion on restart)."""
     taken = taken_ports if taken_ports is not None else set()
+    units = [u.uuid for u in gpu_units(gpus) if u.uuid]
     instances: list[InstanceSpec] = []
     ports: dict[tuple[str, int], int] = {}
     for name in dependency_order(profile.services):
@@ -108,9 +110,13 @@ def expand(
                 "python": sys.executable,
                 "machine_id": machine_id,
             }
-            instances.append(
-                _instance(profile, name, spec, instance_name, slot, gpu, port, values, paths, {**agent_env}, dep_ports)
+            instance = _instance(
+                profile, name, spec, instance_name, slot, gpu, port, values, paths, agent_env, dep_ports
             )
+            if not spec.per_gpu and units and "CUDA_VISIBLE_DEVICES" not in instance.env:
+                # a service that is not per-GPU may still use GPUs: only this agent's, never another tenant's
+                instance = replace(instance, env={**instance.env, "CUDA_VISIBLE_DEVICES": ",".join(units)})
+            instances.append(instance)
             if facts is not None:
                 view = slot_view(facts, name, instance_name, tuple(spec.capabilities), gpu)
                 instances[-1] = replace(instances[-1], matcher_view=view)
@@ -145,10 +151,34 @@ def dependency_order(services: Mapping[str, ServiceSpec]) -> list[str]:
     return ordered
 
 
+def gpu_units(gpus: list[GpuInfo]) -> list[GpuInfo]:
+    """What a per-GPU service gets one instance on: each GPU, or each MIG device of a GPU in MIG mode (a child
+    with its own UUID and memory; CUDA sees only that slice). A GPU lost before it could be named gets none."""
+    units = []
+    for gpu in gpus:
+        if not gpu.uuid:
+            continue
+        if gpu.mig_enabled and gpu.mig_devices:
+            units += [
+                replace(
+                    gpu,
+                    uuid=m.uuid,
+                    name=m.name or (f"{gpu.name} MIG" if gpu.name else None),
+                    memory_total_mib=m.memory_total_mib,
+                    mig_enabled=False,
+                    mig_devices=[],
+                )
+                for m in gpu.mig_devices
+            ]
+        else:
+            units.append(gpu)
+    return units
+
+
 def _slots(spec: ServiceSpec, gpus: list[GpuInfo]) -> list[GpuInfo | None]:
     if not spec.per_gpu:
         return [None] * spec.instances
-    usable = [gpu for gpu in gpus if gpu.uuid]  # a GPU lost before it could be named cannot be given to a child
+    usable = gpu_units(gpus)
     if not usable:
         return [None] * spec.instances  # a CPU-only host gets CPU slots
     return [gpu for gpu in usable for _ in range(spec.instances)]
@@ -226,6 +256,7 @@ def _instance(
         resource_interval_s=spec.resource_interval_s,
         port=port,
         gpu=gpu,
+        per_gpu=spec.per_gpu,
         capabilities=tuple(spec.capabilities),
         depends_on=tuple(spec.depends_on),
         required=spec.required,

@@ -149,6 +149,7 @@ class ManagedService:
             "uptime_s": round(uptime, 3) if uptime is not None else None,
             "port": self.spec.port,
             "gpu": {"index": gpu.index, "uuid": gpu.uuid} if gpu else None,
+            "per_gpu": self.spec.per_gpu,
             "slot": self.spec.slot,
             "last_error": self.last_error,
             "last_exit_code": self.last_exit_code,
@@ -277,7 +278,7 @@ class ManagedService:
                     LogSpec(self.spec.log_path, self.spec.log_max_bytes, self.spec.log_backups)
                 )
             self._output.write_line(f"=== emp-agent: start #{self._starts} of {self.spec.name}")
-            if "EMP_CAPABILITIES_FILE" in self.spec.env:
+            if "EMP_CAPABILITIES_FILE" in self.spec.env and self.spec.matcher_view is not None:
                 write_capabilities_file(self.spec, self.spec.env.get("EMP_MACHINE_ID", ""))
             child = await self._launcher.spawn(self.spec.argv, env, self.spec.cwd, self._output)
         except SpawnError as exc:

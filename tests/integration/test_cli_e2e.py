@@ -271,7 +271,7 @@ def test_detect_prints_the_fingerprint_as_a_table_or_json(short_tmp: Path) -> No
 
     assert (0, 0) == (table.returncode, as_json.returncode)
     data = json.loads(as_json.stdout)
-    assert ("unavailable", []) == (data["gpu"]["state"], data["gpu"]["gpus"])
+    assert ("unavailable", []) == (data["gpus"]["state"], data["gpus"]["gpus"])
     assert f"cpu      {data['host']['cpu_model']}" in table.stdout
     assert "nvidia   unavailable" in table.stdout
     assert "CPU-only host" in table.stdout

@@ -14,7 +14,7 @@ from typing import Any
 import pynvml
 
 from agent.daemon import Agent
-from agent.host.gpu import GpuReport
+from agent.host.gpu import GpuReport, GpuState
 from agent.host.nvml import read_gpus
 from agent.machine import Phase
 from agent.profile import load_profile
@@ -30,15 +30,16 @@ class RecordedHost:
 
     def __init__(self) -> None:
         self.nvml = FakeNvml.from_file(FIXTURES / "nvml" / "h100x8.json")
+        self.wedged = False
 
     async def probe(self) -> GpuReport:
+        if self.wedged:
+            return GpuReport(GpuState.TIMEOUT, "NVML probe did not answer within 20s (wedged GPU or driver?)")
         return read_gpus(self.nvml)
 
 
-def test_lost_gpu_takes_its_slot_out_of_the_record_and_comes_back(short_tmp: Path, redis_server: RedisServer) -> None:
-    """With CUDA_VISIBLE_DEVICES=2,5 the agent runs two slots pinned by UUID. GPU 5 lost at a re-probe: the machine
-    is degraded with the reason, a gpu.lost event is published, the slot leaves the capabilities in Redis (new
-    caps_hash) and services_ready; when the GPU answers again everything comes back. The service keeps running."""
+def gpu_agent(short_tmp: Path, redis_server: RedisServer, host: RecordedHost, visible: str) -> Agent:
+    """An agent with one per-GPU HTTP service on the recorded host, re-probing every 0.2 s."""
     profile_path = short_tmp / "gpu.toml"
     profile_path.write_text(
         "[services.worker]\n"
@@ -57,9 +58,16 @@ def test_lost_gpu_takes_its_slot_out_of_the_record_and_comes_back(short_tmp: Pat
         heartbeat_interval_s=0.3,
         gpu_reprobe_interval_s=0.2,
     )
+    environ = {"PATH": os.environ["PATH"], "CUDA_VISIBLE_DEVICES": visible}
+    return Agent(settings, load_profile(str(profile_path), short_tmp), gpu_probe=host, environ=environ)
+
+
+def test_lost_gpu_takes_its_slot_out_of_the_record_and_comes_back(short_tmp: Path, redis_server: RedisServer) -> None:
+    """With CUDA_VISIBLE_DEVICES=2,5 the agent runs two slots pinned by UUID. GPU 5 lost at a re-probe: the machine
+    is degraded with the reason, a gpu.lost event is published, the slot leaves the capabilities in Redis (new
+    caps_hash) and services_ready; when the GPU answers again everything comes back. The service keeps running."""
     host = RecordedHost()
-    environ = {"PATH": os.environ["PATH"], "CUDA_VISIBLE_DEVICES": "2,5"}
-    agent = Agent(settings, load_profile(str(profile_path), short_tmp), gpu_probe=host, environ=environ)
+    agent = gpu_agent(short_tmp, redis_server, host, "2,5")
     client = redis_server.client()
     key = keys.machine_key("m-gpu")
 
@@ -98,6 +106,38 @@ def test_lost_gpu_takes_its_slot_out_of_the_record_and_comes_back(short_tmp: Pat
             await await_until(lambda: agent.phase()[0] is Phase.READY, 20, "ready again")
             back = await await_until(lambda: (p := published())["slots"] == [2, 5] and p, 20, "slot back")
             assert back["caps_hash"] == first["caps_hash"]
+        finally:
+            agent.handle_exit(signal.SIGTERM)
+            assert 0 == await run
+
+    asyncio.run(scenario())
+
+
+def test_gpus_unreadable_at_boot_are_not_advertised_and_ask_for_a_restart_when_back(
+    short_tmp: Path, redis_server: RedisServer
+) -> None:
+    """The boot probe times out: the per-GPU service runs on a CPU slot, which is not offered to jobs, and the
+    machine is degraded. When the driver answers again the GPUs are healthy but have no service: the machine stays
+    degraded and says to restart the agent."""
+    host = RecordedHost()
+    host.wedged = True
+    agent = gpu_agent(short_tmp, redis_server, host, "0")
+    client = redis_server.client()
+    key = keys.machine_key("m-gpu")
+
+    async def scenario() -> None:
+        run = asyncio.create_task(agent.run())
+        try:
+            await await_until(lambda: agent.phase()[0] is Phase.DEGRADED, 60, "degraded")
+            await await_until(lambda: client.hget(key, "capabilities"), 20, "registered")
+            assert [] == json.loads(client.hget(key, "capabilities") or "{}")["services"]
+            assert [] == json.loads(client.hget(key, "services_ready") or "null")
+
+            host.wedged = False
+            await await_until(
+                lambda: any("restart the agent to use it" in r for r in agent.phase()[1]), 20, "restart asked"
+            )
+            assert Phase.DEGRADED is agent.phase()[0]
         finally:
             agent.handle_exit(signal.SIGTERM)
             assert 0 == await run

@@ -73,7 +73,7 @@ def test_record_of_every_fixture_host_validates_against_the_schema(recording: Pa
     report = read_gpus(FakeNvml.from_file(recording))
 
     validate(record(report, tmp_path))
-    validate(dynamic_record(HOST, report), "dynamic")
+    validate(dynamic_record((998000, 3_500_000), report), "dynamic")
 
 
 def test_hash_ignores_readings_and_follows_health(tmp_path: Path) -> None:
@@ -95,7 +95,7 @@ def test_hash_ignores_readings_and_follows_health(tmp_path: Path) -> None:
     assert caps_hash(calm) != caps_hash(ill)
     assert 8 == len(calm["services"])
     assert [0, 1, 2, 4, 5, 6, 7] == [s["gpu"]["index"] for s in ill["services"]]
-    assert dynamic_record(HOST, report) != dynamic_record(HOST, busy)
+    assert dynamic_record((998000, 3_500_000), report) != dynamic_record((998000, 3_500_000), busy)
 
 
 def test_each_slot_file_describes_its_own_gpu(tmp_path: Path) -> None:
@@ -149,3 +149,39 @@ def test_cpu_slot_says_it_has_no_gpu(tmp_path: Path) -> None:
         view["hardware"]["gpu_model"],
         view["hardware"]["gpu_count"],
     )
+
+
+def test_a_gpu_service_on_the_cpu_is_not_offered_when_the_gpus_could_not_be_read(tmp_path: Path) -> None:
+    """A per-GPU service that fell back to a CPU slot because the probe failed (driver there, unreadable) is
+    not advertised; on a host without a driver it is, unless the profile requires GPUs."""
+    slot = {"name": "w-0", "service": "w", "capabilities": ["comfyui"], "port": None, "gpu": None, "per_gpu": True}
+
+    def services(state: str, required: bool = False) -> list[Any]:
+        report = GpuReport.from_dict({"state": state})
+        record = static_record(
+            agent_version="0", profile="p", host=HOST, gpus=report, slots=[slot], models=[], gpu_required=required
+        )
+        validate(record)
+        return list(record["services"])
+
+    assert [] == services("timeout")
+    assert [] == services("error")
+    assert ["w-0"] == [s["name"] for s in services("unavailable")]
+    assert [] == services("unavailable", required=True)
+
+
+def test_matching_settings_are_in_the_static_record(tmp_path: Path) -> None:
+    """The broker sees customers, location and cost in Redis, not only in the slot files."""
+    report = read_gpus(FakeNvml.from_file(FIXTURES / "nvml" / "t4.json"))
+    record = static_record(
+        agent_version="0",
+        profile="p",
+        host=HOST,
+        gpus=report,
+        slots=[],
+        models=[],
+        matching=Matching(allowed_customers=["acme"], cost=Cost(tier="spot")),
+    )
+
+    validate(record)
+    assert (["acme"], "spot") == (record["matching"]["allowed_customers"], record["matching"]["cost"]["tier"])

@@ -18,7 +18,7 @@ from agent.host.gpu import GpuHealth, GpuReport, GpuState, reconcile, visible
 from agent.host.nvml import NvmlProbe, read_gpus
 from agent.profile import GpuRequirement
 from agent.testing import FakeNvml
-from tests.conftest import FIXTURES
+from tests.conftest import FIXTURES, REPO
 from tests.nvml_capture import CAPTURES, convert, parse
 
 NVML = FIXTURES / "nvml"
@@ -241,7 +241,9 @@ def test_real_probe_on_a_host_without_driver_reports_cpu_only() -> None:
 
 def test_hanging_nvml_call_is_bounded_by_the_deadline() -> None:
     """A probe child stuck inside an NVML call (the fake sleeps) is killed at the deadline; the report says so."""
-    report = asyncio.run(NvmlProbe(timeout_s=3, module="tests.programs.nvml_hang").probe())
+    probe = NvmlProbe(timeout_s=3, module="tests.programs.nvml_hang", extra_env={"PYTHONPATH": str(REPO)})
+
+    report = asyncio.run(probe.probe())
 
     assert GpuState.TIMEOUT == report.state
     assert "did not answer within 3s" in report.message
@@ -299,8 +301,8 @@ def test_gpu_shortfall_states_exact_numbers() -> None:
     report = probe(RTX)
 
     assert (
-        "profile needs 2 healthy GPU(s) matching '*H100*' with >= 40000 MiB, host has 0 "
-        "(not counted: GPU 0 NVIDIA GeForce RTX 3090 24576 MiB healthy)"
+        "profile needs 2 healthy GPU(s) matching '*H100*' with >= 40000 MiB, host has 0; "
+        "not counted: GPU 0 (NVIDIA GeForce RTX 3090, 24576 MiB, healthy)"
     ) == gpu_shortfall(GpuRequirement(min_count=2, min_memory_mib=40000, product="*H100*"), report)
     assert gpu_shortfall(GpuRequirement(min_count=1, min_memory_mib=20000, product="*rtx*"), report) is None
 
@@ -332,7 +334,7 @@ def test_gpu_lost_mid_run_then_back_emits_events_and_keeps_its_identity() -> Non
     """Re-probing: GPU 4 lost (by handle, so unnamed) stays listed by its UUID as lost, then recovers."""
     nvml = FakeNvml.from_file(H100)
     seen: list[list[dict[str, Any]]] = []
-    watch = GpuWatch(ScriptedProbe(nvml), read_gpus(nvml), None, [], lambda _r, changes: seen.append(changes))
+    watch = GpuWatch(ScriptedProbe(nvml), read_gpus(nvml), lambda _r, changes: seen.append(changes))
 
     nvml.errors[("nvmlDeviceGetHandleByIndex", 4)] = pynvml.NVML_ERROR_GPU_IS_LOST
     lost = asyncio.run(watch.check())
@@ -368,7 +370,7 @@ def test_version_mismatch_or_timeout_at_reprobe_takes_every_gpu_out() -> None:
     """After an unattended driver upgrade (or a wedged driver) no GPU is offered, and the reason is kept."""
     nvml = FakeNvml.from_file(H100)
     scripted = ScriptedProbe(nvml)
-    watch = GpuWatch(scripted, read_gpus(nvml), None, [], lambda _r, _c: None)
+    watch = GpuWatch(scripted, read_gpus(nvml), lambda _r, _c: None)
 
     scripted.timeout = True
     changes = asyncio.run(watch.check())
@@ -396,3 +398,120 @@ def test_probe_module_is_runnable_as_a_child() -> None:
     out = subprocess.run([sys.executable, "-m", "agent.host.nvml"], capture_output=True, check=True, timeout=60)
 
     assert GpuState.UNAVAILABLE == GpuReport.from_dict(json.loads(out.stdout)).state
+
+
+def test_visible_gpus_stay_in_index_order_whatever_order_they_are_named_in() -> None:
+    """CUDA_VISIBLE_DEVICES=5,2 keeps GPUs 2 and 5 in NVML order, so the record does not change on a re-probe."""
+    report = visible(probe(H100), "5,GPU-00000002")
+
+    assert [2, 5] == [g.index for g in report.gpus]
+
+
+def test_a_mig_uuid_in_cuda_visible_devices_keeps_its_gpu_with_that_slice_only() -> None:
+    """Naming one MIG device keeps the A100 with just that device (CUDA accepts MIG UUIDs)."""
+    report = probe(A100_MIG)
+    wanted = report.gpus[0].mig_devices[2].uuid
+
+    narrowed = visible(report, wanted)
+
+    assert [[wanted]] == [[m.uuid for m in g.mig_devices] for g in narrowed.gpus]
+    assert "names no GPU" not in narrowed.message
+
+
+def test_reprobe_follows_the_boot_gpus_by_uuid_when_one_drops_out() -> None:
+    """With CUDA_VISIBLE_DEVICES=3,4, GPU 3 vanishing from NVML's list (indexes shift) leaves GPU 4 healthy and
+    adopts no other GPU."""
+    recording = json.loads(H100.read_text(encoding="utf-8"))
+    nvml = FakeNvml(recording)
+    scripted = ScriptedProbe(nvml)
+    watch = GpuWatch(scripted, visible(read_gpus(nvml), "3,4"), lambda _r, _c: None)
+
+    del recording["gpus"][3]
+    changes = asyncio.run(watch.check())
+
+    assert [("gpu.lost", "GPU-00000003-0000-0000-0000-000000000003")] == [(c["event"], c["uuid"]) for c in changes]
+    assert {
+        "GPU-00000003-0000-0000-0000-000000000003": GpuHealth.LOST,
+        "GPU-00000004-0000-0000-0000-000000000004": GpuHealth.HEALTHY,
+    } == {g.uuid: g.health for g in watch.report.gpus}
+
+
+def test_an_unreadable_health_counter_does_not_make_a_sick_gpu_healthy() -> None:
+    """GPU 1 has uncorrectable ECC errors; one probe where the ECC call fails keeps it unhealthy (and says why)."""
+    recording = json.loads(H100.read_text(encoding="utf-8"))
+    recording["gpus"][1]["ecc_errors"]["uncorrected_volatile"] = 3
+    nvml = FakeNvml(recording)
+    watch = GpuWatch(ScriptedProbe(nvml), read_gpus(nvml), lambda _r, _c: None)
+
+    nvml.errors[("nvmlDeviceGetEccMode", 1)] = pynvml.NVML_ERROR_UNKNOWN
+    changes = asyncio.run(watch.check())
+
+    assert [] == changes
+    assert GpuHealth.UNHEALTHY == watch.report.gpus[1].health
+    assert "unreadable" in watch.report.gpus[1].health_reasons[-1]
+
+
+def test_a_transient_error_on_a_static_field_keeps_its_last_value() -> None:
+    """One NVML_ERROR_UNKNOWN on the power limit or PCI info does not blank the field (nor change caps_hash)."""
+    nvml = FakeNvml.from_file(H100)
+    watch = GpuWatch(ScriptedProbe(nvml), read_gpus(nvml), lambda _r, _c: None)
+    before = [g.static() for g in watch.report.gpus]
+
+    nvml.errors[("nvmlDeviceGetEnforcedPowerLimit", 0)] = pynvml.NVML_ERROR_UNKNOWN
+    nvml.errors[("nvmlDeviceGetPciInfo", 2)] = pynvml.NVML_ERROR_TIMEOUT
+    asyncio.run(watch.check())
+
+    assert before == [g.static() for g in watch.report.gpus]
+
+
+def test_the_watch_survives_a_probe_that_raises() -> None:
+    """A re-probe that raises is logged and the next one still runs (and sees a lost GPU)."""
+
+    class Flaky:
+        def __init__(self) -> None:
+            self.nvml = FakeNvml.from_file(H100)
+            self.calls = 0
+
+        async def probe(self) -> GpuReport:
+            self.calls += 1
+            if self.calls == 1:
+                raise OSError("fork failed")
+            return read_gpus(self.nvml)
+
+    flaky = Flaky()
+    seen: list[list[dict[str, Any]]] = []
+    watch = GpuWatch(flaky, read_gpus(flaky.nvml), lambda _r, changes: seen.append(changes))
+    flaky.nvml.errors[("nvmlDeviceGetHandleByIndex", 0)] = pynvml.NVML_ERROR_GPU_IS_LOST
+
+    async def two_rounds() -> None:
+        task = asyncio.create_task(watch.run(0.01))
+        while flaky.calls < 2:
+            await asyncio.sleep(0.01)
+        task.cancel()
+
+    asyncio.run(two_rounds())
+
+    assert ["gpu.lost"] == [c["event"] for changes in seen for c in changes]
+
+
+def test_probe_child_does_not_import_from_the_working_directory(tmp_path: Path, monkeypatch: Any) -> None:
+    """A pynvml.py in the directory the agent was started from is never run by the probe child, and the child
+    does not inherit the agent's secrets."""
+    marker = tmp_path / "ran"
+    (tmp_path / "pynvml.py").write_text(f"open({str(marker)!r}, 'w').write('x')\nraise ImportError\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("EMP_AGENT_REDIS_URL", "redis://:secret@db:6379")
+
+    report = asyncio.run(NvmlProbe(timeout_s=60).probe())
+
+    assert not marker.exists()
+    assert GpuState.UNAVAILABLE == report.state
+    assert "EMP_AGENT_REDIS_URL" not in NvmlProbe(timeout_s=1)._env
+
+
+def test_a_probe_that_cannot_start_is_an_error_report() -> None:
+    """A missing interpreter (the venv replaced by an upgrade) gives an error report, not an exception."""
+    report = asyncio.run(NvmlProbe(timeout_s=5, python="/nonexistent/python").probe())
+
+    assert GpuState.ERROR == report.state
+    assert "cannot start the NVML probe" in report.message

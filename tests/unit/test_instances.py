@@ -94,3 +94,29 @@ def test_dependents_learn_the_port_of_their_dependency_in_the_same_slot() -> Non
 
     assert instances["worker-1"].env["EMP_COMFYUI_PORT"] == str(instances["comfyui-1"].port)
     assert ["comfyui-0", "comfyui-1", "worker-0", "worker-1"] == list(instances)
+
+
+def test_mig_devices_each_get_an_instance_pinned_by_their_uuid() -> None:
+    """A per-GPU service on an A100 in MIG mode runs once per MIG device, seeing only that slice."""
+    from agent.host.nvml import read_gpus
+    from agent.testing import FakeNvml
+    from tests.conftest import FIXTURES
+
+    report = read_gpus(FakeNvml.from_file(FIXTURES / "nvml" / "a100-mig.json"))
+
+    instances = expand(profile(web=ServiceSpec(command=["x"], per_gpu=True)), report.gpus, PATHS, "m1", {})
+
+    assert [m.uuid for m in report.gpus[0].mig_devices] == [i.env["CUDA_VISIBLE_DEVICES"] for i in instances]
+    assert {19968} == {i.gpu.memory_total_mib for i in instances if i.gpu}
+
+
+def test_a_service_that_is_not_per_gpu_sees_only_this_agents_gpus() -> None:
+    """A plain service gets CUDA_VISIBLE_DEVICES = the agent's GPUs, unless its profile sets the variable."""
+    plain = ServiceSpec(command=["api"])
+    pinned = ServiceSpec(command=["api"], env={"CUDA_VISIBLE_DEVICES": "1"})
+
+    api, own = expand(profile(api=plain, own=pinned), GPUS, PATHS, "m1", {})
+
+    assert ("GPU-aaaa,GPU-bbbb", "1") == (api.env["CUDA_VISIBLE_DEVICES"], own.env["CUDA_VISIBLE_DEVICES"])
+    (cpu,) = expand(profile(api=plain), [], PATHS, "m1", {})
+    assert "CUDA_VISIBLE_DEVICES" not in cpu.env

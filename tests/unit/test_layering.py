@@ -13,6 +13,7 @@ AGENT = REPO / "agent"
 #: Lowest first. A module may import its own package and lower layers, never a higher layer or a sibling.
 LAYERS = [
     {"agent.errors"},
+    {"agent.registryurl"},
     {"agent.settings"},
     {"agent.profile"},
     {"agent.host"},

@@ -219,3 +219,29 @@ def test_inputs_that_would_only_fail_at_run_time_are_rejected(tmp_path: Path, te
         load_profile("p", tmp_path)
 
     assert message in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("gpu", "words"),
+    [
+        ('select = [""]', "gpu.select: '' is neither an NVML index nor a GPU-/MIG- UUID"),
+        ('select = ["²"]', "gpu.select: '²' is neither"),
+        ('product = "*H100*"', "gpu: product and min_memory_mib need min_count >= 1"),
+    ],
+)
+def test_gpu_section_mistakes_are_config_errors(tmp_path: Path, gpu: str, words: str) -> None:
+    """An empty or non-ASCII GPU reference, or a product pattern without a count, fails the check, naming the
+    file and field."""
+    path = write(tmp_path, "p.toml", f"[gpu]\n{gpu}\n")
+
+    with pytest.raises(ConfigError) as caught:
+        load_profile(str(path), tmp_path)
+
+    assert [f"{path}: {words}"] == [str(p)[: len(str(path)) + 2 + len(words)] for p in caught.value.problems]
+
+
+def test_gpu_select_takes_indexes_as_numbers_or_strings_and_uuids(tmp_path: Path) -> None:
+    """`select = [0, "1", "GPU-ab", "MIG-cd"]` is read as four references."""
+    path = write(tmp_path, "p.toml", '[gpu]\nselect = [0, "1", "GPU-ab", "MIG-cd"]\n')
+
+    assert ["0", "1", "GPU-ab", "MIG-cd"] == load_profile(str(path), tmp_path).gpu.select

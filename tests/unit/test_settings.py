@@ -57,11 +57,29 @@ def test_redis_password_is_never_shown(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "redis://user:***@db:6379/0" == settings.redis_url_redacted
 
 
-def test_redis_url_scheme_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Only redis, rediss and unix URLs are accepted."""
-    monkeypatch.setenv("EMP_AGENT_REDIS_URL", "http://db:6379")
-    with pytest.raises(ConfigError, match="must start with redis://"):
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        ("http://db:6379", "must start with one of redis://, redis+cluster://, redis+sentinel://, rediss://"),
+        ("redis+sentinel://s1:26379,s2:26379", "needs the master's name"),
+        ("redis+cluster://n1:7000,n2", "'n2' is not host:port"),
+        ("redis+sentinel://:pw@s1:26379,s2:x/mymaster", "'s2:x' is not host:port"),
+    ],
+)
+def test_redis_url_scheme_and_hosts_are_checked(monkeypatch: pytest.MonkeyPatch, url: str, words: str) -> None:
+    """Only the supported forms are accepted; Sentinel and Cluster URLs need host:port lists (and a master)."""
+    monkeypatch.setenv("EMP_AGENT_REDIS_URL", url)
+    with pytest.raises(ConfigError, match=words.replace("+", r"\+")) as caught:
         load_settings(None)
+    assert "pw@" not in str(caught.value)
+
+
+def test_sentinel_and_cluster_urls_are_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Sentinel URL with a master name and a Cluster URL with several nodes load, passwords redacted."""
+    for url in ("redis+sentinel://:pw@s1:26379,s2:26379/mymaster/0", "rediss+cluster://u:pw@n1:7000,n2:7001"):
+        monkeypatch.setenv("EMP_AGENT_REDIS_URL", url)
+        settings = load_settings(None)
+        assert "pw" not in str(settings.redis_url_redacted)
 
 
 def test_status_client_finds_the_socket_like_settings_does(tmp_path: Path) -> None:
@@ -120,4 +138,37 @@ def test_http_listen_is_checked_before_anything_starts(
     monkeypatch.setenv("EMP_AGENT_HTTP_LISTEN", value)
 
     with pytest.raises(ConfigError, match=f"EMP_AGENT_HTTP_LISTEN: {message}"):
+        load_settings(None)
+
+
+def test_matching_from_the_environment_replaces_the_file_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """EMP_AGENT_MATCHING replaces the TOML [matching] table as a whole, so an error names where it came from."""
+    config = tmp_path / "agent.toml"
+    config.write_text("[matching]\nmax_concurrent_customers = -3\nallowed_customers = ['acme']\n")
+    monkeypatch.setenv("EMP_AGENT_MATCHING", '{"concurrent_jobs": 2}')
+
+    settings = load_settings(config)
+
+    assert (2, [], 10) == (
+        settings.matching.concurrent_jobs,
+        settings.matching.allowed_customers,
+        settings.matching.max_concurrent_customers,
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "words"),
+    [
+        ("not json", "EMP_AGENT_MATCHING: not valid JSON"),
+        ('{"bogus": 1}', "EMP_AGENT_MATCHING: bogus: unknown setting"),
+        ('{"cost": {"tier": "spot", "rate_per_job": Infinity}}', "EMP_AGENT_MATCHING: cost.rate_per_job"),
+    ],
+)
+def test_bad_matching_in_the_environment_names_the_field(
+    monkeypatch: pytest.MonkeyPatch, value: str, words: str
+) -> None:
+    """Invalid JSON, an unknown key or an infinite rate is a one-line error naming the variable and field."""
+    monkeypatch.setenv("EMP_AGENT_MATCHING", value)
+
+    with pytest.raises(ConfigError, match=words):
         load_settings(None)

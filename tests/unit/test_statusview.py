@@ -99,11 +99,11 @@ def test_fingerprint_table_shows_mig_children_and_a_lost_gpu() -> None:
         )
     )
 
-    mig_text = render_fingerprint({"host": HOST.to_dict(), "gpu": mig.to_dict()})
-    lost_text = render_fingerprint({"host": HOST.to_dict(), "gpu": lost.to_dict()})
+    mig_text = render_fingerprint({"host": HOST.to_dict(), "gpus": mig.to_dict()})
+    lost_text = render_fingerprint({"host": HOST.to_dict(), "gpus": lost.to_dict()})
 
     assert "nvidia   available  driver 535.54.03  CUDA 12.2" in mig_text
     assert 4 == sum(line.startswith(" 0:") and "14 SM" in line for line in mig_text.splitlines())
     assert "8 GPU(s); GPU 7 lost" in lost_text
-    assert "GPU 7: lost: NVML reports the GPU fallen off the bus" in lost_text
+    assert "GPU 7 lost: NVML reports the GPU fallen off the bus" in lost_text
     assert "\033[" not in lost_text
