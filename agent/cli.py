@@ -108,6 +108,17 @@ def _parser() -> argparse.ArgumentParser:
     detect = sub.add_parser("detect", parents=[common], help="print the host's fingerprint: host facts and GPUs")
     detect.add_argument("--json", action="store_true", help="print the JSON document instead of the table")
     detect.add_argument("--profile", help="apply this profile's [gpu] select (overrides EMP_AGENT_PROFILE)")
+    fleet = sub.add_parser(
+        "fleet",
+        parents=[common],
+        help="list the machines in Redis (live, suspect, dead) and which can take a job",
+        description="Reads the registry named by EMP_AGENT_REDIS_URL (or this host's embedded one). With a "
+        "requirement, lists the machines that meet it; exit 1 when none does.",
+    )
+    fleet.add_argument("--service", help="a job-facing service name that must be ready (e.g. comfyui)")
+    fleet.add_argument("--min-gpu-memory-mib", type=_count, default=0, help="an offered GPU slot with this much")
+    fleet.add_argument("--model", action="append", default=[], help="a model (name or sha256) that must be present")
+    fleet.add_argument("--json", action="store_true", help="print JSON instead of the table")
     sub.add_parser("version", help="print the agent version")
     completion = sub.add_parser(
         "completion",
@@ -145,6 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _detect(args)
         if args.command == "pull":
             return _pull(args)
+        if args.command == "fleet":
+            return _fleet(args)
         return _run(args)
     except ConfigError as exc:
         for problem in exc.problems:
@@ -364,6 +377,25 @@ def _detect(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(render_fingerprint(data, colour=sys.stdout.isatty()))
     return EXIT_FAILED if report.state in (GpuState.ERROR, GpuState.TIMEOUT) else EXIT_OK
+
+
+def _fleet(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from agent.registry.fleet import Requirement, read_fleet
+    from agent.statusview import render_fleet
+
+    settings, _ = _load(args, need_profile=False)
+    url = settings.redis_url.get_secret_value() if settings.redis_url else f"unix://{settings.registry_socket}"
+    need = Requirement(args.service, args.min_gpu_memory_mib, tuple(args.model))
+    machines = asyncio.run(read_fleet(url, settings.redis_tls, need))
+    asked = bool(args.service or args.min_gpu_memory_mib or args.model)
+    shown = [m for m in machines if m.unmet is None] if asked else machines
+    if args.json:
+        print(json.dumps([m.to_dict() for m in shown], indent=2))
+    else:
+        sys.stdout.write(render_fleet([m.to_dict() for m in shown], colour=sys.stdout.isatty()))
+    return EXIT_FAILED if asked and not shown else EXIT_OK
 
 
 def _run(args: argparse.Namespace) -> int:

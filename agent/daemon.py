@@ -446,8 +446,9 @@ class Agent:
 
     # ---- views -------------------------------------------------------------------------------------------
 
-    def phase(self) -> tuple[Phase, list[str]]:
-        """The machine phase now, and why."""
+    def phase(self, in_registry: bool = False) -> tuple[Phase, list[str]]:
+        """The machine phase now, and why. `in_registry`: as written to Redis, where "not connected" cannot be
+        true (the write itself is the connection)."""
         failure = self.pipeline.fatal_failure() if self.pipeline else None
         hb = self.heartbeat
         degraded = dict(self.ctx.degraded) if self.ctx else {}
@@ -460,7 +461,7 @@ class Agent:
             pipeline_finished=bool(self.pipeline and self.pipeline.finished),
             degraded=degraded,
             unhealthy_services=self.table.unhealthy_required(),
-            registry_connected=bool(hb and (hb.connected or hb.fenced_by is not None)),
+            registry_connected=in_registry or bool(hb and (hb.connected or hb.fenced_by is not None)),
         )
 
     def capabilities(self, snapshot: list[dict[str, Any]]) -> dict[str, Any]:
@@ -480,7 +481,7 @@ class Agent:
 
     def record(self) -> dict[str, Any]:
         """The machine record written to Redis at every heartbeat."""
-        phase, reasons = self.phase()
+        phase, reasons = self.phase(in_registry=True)
         snapshot = self.table.snapshot()  # reads each instance's log state file: once per beat, not twice
         self._last_snapshot = snapshot  # the compat message of the same beat reuses it
         caps = self.capabilities(snapshot)
@@ -505,13 +506,14 @@ class Agent:
             "started_at": self.started_at,
             "capabilities": caps,
             "caps_hash": caps_hash(caps),
+            "interval_ms": str(round(self.settings.heartbeat_interval_s * 1000)),
             "dynamic": dynamic_record(self._readings, gpus),
             "services_ready": running,
         }
 
     def compat_status(self, update_type: str) -> dict[str, Any]:
         """The original system's `machine:status:<id>` message, for its API and monitor (docs/registry.md)."""
-        phase, reasons = self.phase()
+        phase, reasons = self.phase(in_registry=True)
         if phase is Phase.READY and not self._announced_ready:
             self._announced_ready = True
             update_type = "machine_ready"

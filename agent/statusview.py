@@ -24,6 +24,9 @@ COLOURS = {
     "skipped": "2",
     "pending": "2",
     "healthy": "32",
+    "live": "32",
+    "suspect": "33",
+    "dead": "31",
     "unhealthy": "31",
     "lost": "31",
 }
@@ -211,3 +214,27 @@ def render_fingerprint(data: dict[str, Any], colour: bool = False) -> str:
     if gpu.get("hidden"):
         lines.append(f"hidden   GPU {', '.join(map(str, gpu['hidden']))} (CUDA_VISIBLE_DEVICES or gpu.select)")
     return "\n".join(lines) + "\n"
+
+
+def render_fleet(machines: list[dict[str, Any]], colour: bool = False) -> str:
+    """`emp-agent fleet`: one row per machine, live first."""
+    if not machines:
+        return "no machines\n"
+    rows = [["MACHINE", "STATE", "AGE", "PHASE", "EPOCH", "GPUS", "SERVICES READY", "NOTE"]]
+    for m in machines:
+        gpus = m["gpus"]
+        gpu_text = f"{len(gpus)}x {gpus[0]}" if gpus and len(set(gpus)) == 1 else ", ".join(gpus) or "-"
+        note = m["unmet"] or (m["reasons"][0] if m["reasons"] else "")
+        rows.append(
+            [
+                m["machine_id"],
+                m["liveness"],
+                f"{m['age_s']:g}s",
+                m["phase"] or "-",
+                str(m["epoch"]) if m["epoch"] is not None else "-",
+                gpu_text,
+                ",".join(m["services_ready"]) or "-",
+                note,
+            ]
+        )
+    return "\n".join(_table(rows, [m["liveness"] for m in machines], 1, colour)) + "\n"

@@ -15,7 +15,7 @@ from redis.exceptions import RedisError, ResponseError
 from agent.errors import RegistryError
 from agent.redact import redact_url
 from agent.registry import keys
-from agent.registry.connection import open_client
+from agent.registry.connection import open_client, translate
 from agent.registryurl import TlsFiles
 
 LIBRARY = resources.files("agent.registry").joinpath("library.lua").read_text(encoding="utf-8")
@@ -104,9 +104,9 @@ class RedisRegistry:
             except ResponseError as exc:
                 if attempt == 1 and "function not found" in str(exc).lower():
                     continue  # a restarted server without persistence: load and retry once
-                raise self._translate(exc) from None
+                raise translate(self._shown, exc) from None
             except (RedisError, OSError) as exc:
-                raise self._translate(exc) from None
+                raise translate(self._shown, exc) from None
         raise AssertionError("unreachable")
 
     async def register(self, machine_id: str, fields: dict[str, str], ttl_s: int, events: list[str]) -> Answer:
@@ -158,11 +158,3 @@ class RedisRegistry:
     async def aclose(self) -> None:
         with contextlib.suppress(RedisError, OSError):
             await self._client.aclose()
-
-    def _translate(self, exc: BaseException) -> RegistryError:
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if "certificate verify failed" in message.lower():
-            message += " (is redis_ca_file the CA that signed the server's certificate?)"
-        if "noperm" in message.lower() or "no permissions" in message.lower():
-            message += " (the Redis ACL user needs ~emp:* keys, &emp:* &machine:status:* channels, FCALL and FUNCTION)"
-        return RegistryError(f"{self._shown}: {type(exc).__name__}: {message}")

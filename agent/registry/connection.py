@@ -54,3 +54,13 @@ def open_client(url: str, tls: TlsFiles | None = None) -> Any:
         nodes, sentinel_kwargs=sentinel_kwargs, ssl=secure, db=db, **common, **tls_args
     )
     return sentinel.master_for(path[0])
+
+
+def translate(shown: str, exc: BaseException) -> RegistryError:
+    """A redis-py or socket error as our RegistryError: the redacted URL, the error, and a hint where one helps."""
+    message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if "certificate verify failed" in message.lower():
+        message += " (is redis_ca_file the CA that signed the server's certificate?)"
+    if "noperm" in message.lower() or "no permissions" in message.lower():
+        message += " (the Redis ACL user needs ~emp:* keys, &emp:* &machine:status:* channels, FCALL and FUNCTION)"
+    return RegistryError(f"{shown}: {type(exc).__name__}: {message}")
