@@ -76,6 +76,7 @@ class Agent:
         self.paths = Paths(settings.model_root, settings.state_dir, settings.log_dir)
         self.ledger = ProcessLedger(settings.state_dir / "processes.json")
         self.table = ProcessTable(self._launcher, ledger=self.ledger, respec=self.respec)
+        self.table.add_listener(self._to_registry)
         self.table.add_listener(lambda _event: self._kick_if_phase_changed())
         self.machine_id = ""
         self.boot_id = boot_id()
@@ -426,9 +427,13 @@ class Agent:
         self.table.events.append(event)
         if self._api is not None:
             self._api.events.publish(event)
-        if self.heartbeat is not None and event.get("event") != "model.progress":
-            self.heartbeat.publish(event)  # the machine's stream in Redis (queued while Redis is away)
+        self._to_registry(event)
         self._kick_if_phase_changed()
+
+    def _to_registry(self, event: dict[str, Any]) -> None:
+        """The machine's event stream in Redis (queued while Redis is away); progress ticks stay local."""
+        if self.heartbeat is not None and event.get("event") != "model.progress":
+            self.heartbeat.publish(event)
 
     def respec(self, name: str) -> InstanceSpec | None:
         """The instance's spec from the profile as it is on disk now (applied by `restart`); None for the agent's
