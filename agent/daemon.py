@@ -114,7 +114,9 @@ class Agent:
 
     async def _run_locked(self) -> int:
         try:
-            self.machine_id = machine_id(self.settings.machine_id, self.settings.state_dir)
+            self.machine_id = machine_id(
+                self.settings.machine_id, self.settings.state_dir, source=self.settings.machine_id_source
+            )
         except OSError as exc:
             problem = Problem("settings", "EMP_AGENT_STATE_DIR", f"cannot keep the machine id: {exc}")
             raise ConfigError([problem]) from None

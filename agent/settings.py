@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from agent.errors import ConfigError, Problem
+from agent.identity import IdSource
 from agent.redact import redact_url
 from agent.registryurl import SCHEMES as REDIS_SCHEMES
 from agent.registryurl import TlsFiles, hosts_of
@@ -89,6 +90,11 @@ class Settings(BaseSettings):
         default=None,
         description="Stable machine id; derived from /etc/machine-id and persisted in the state dir when unset.",
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+    )
+    machine_id_source: IdSource = Field(
+        default=IdSource.MACHINE_ID,
+        description="What a derived machine id comes from: machine-id (/etc/machine-id) or cloud-init (its instance "
+        "id, which changes when the VM is replaced).",
     )
     profile: str | None = Field(
         default=None, description="Profile name (looked up in profiles_dir) or path to a profile TOML file."
