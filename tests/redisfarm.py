@@ -3,6 +3,7 @@ with an ACL user. Each owns a temp dir and its processes, and stops them all."""
 
 from __future__ import annotations
 
+import random
 import socket
 import subprocess
 import time
@@ -15,11 +16,28 @@ from tests.conftest import redis_server_binary
 from tests.helpers import wait_until
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on now (loopback)."""
+def _free(port: int) -> bool:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(cluster_bus: bool = False) -> int:
+    """A TCP port nobody listens on now (loopback). For a Cluster node, one whose bus port (+10000) is free too,
+    which keeps it below the ephemeral range (the kernel's random ports would overflow 65535)."""
+    if not cluster_bus:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return int(sock.getsockname()[1])
+    for _ in range(1000):
+        port = random.randrange(20000, 30000)
+        if _free(port) and _free(port + 10000):
+            return port
+    raise AssertionError("no free port pair for a cluster node")
 
 
 class Farm:
@@ -119,7 +137,7 @@ class Cluster(Farm):
     """Three masters, no replicas, slots spread by redis-cli --cluster create."""
 
     def start(self) -> None:
-        self.ports = [free_port() for _ in range(3)]
+        self.ports = [free_port(cluster_bus=True) for _ in range(3)]
         for port in self.ports:
             self.spawn(port, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--appendonly", "no")
         wait_until(lambda: all(answers(p) for p in self.ports), 20, what="cluster nodes")
