@@ -105,6 +105,16 @@ def _parser() -> argparse.ArgumentParser:
         help="download and verify the profile's models, then exit (image bakes; safe beside a running agent)",
     )
     pull.add_argument("--profile", help="profile name or path (overrides EMP_AGENT_PROFILE)")
+    bootstrap = sub.add_parser(
+        "bootstrap",
+        parents=[common],
+        help="run the first bootstrap stages alone, for image bakes (no registration, no services)",
+        description="Runs detect, pull_models and prepare up to --until, then exits: what a golden image bakes "
+        "in. Nothing is registered, no service is left running, no machine id is kept. Refuses to run beside an "
+        "agent using the same state dir.",
+    )
+    bootstrap.add_argument("--until", required=True, choices=["detect", "pull_models", "prepare"])
+    bootstrap.add_argument("--profile", help="profile name or path (overrides EMP_AGENT_PROFILE)")
     detect = sub.add_parser("detect", parents=[common], help="print the host's fingerprint: host facts and GPUs")
     detect.add_argument("--json", action="store_true", help="print the JSON document instead of the table")
     detect.add_argument("--profile", help="apply this profile's [gpu] select (overrides EMP_AGENT_PROFILE)")
@@ -158,6 +168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _pull(args)
         if args.command == "fleet":
             return _fleet(args)
+        if args.command == "bootstrap":
+            return _bootstrap(args)
         return _run(args)
     except ConfigError as exc:
         for problem in exc.problems:
@@ -377,6 +389,20 @@ def _detect(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(render_fingerprint(data, colour=sys.stdout.isatty()))
     return EXIT_FAILED if report.state in (GpuState.ERROR, GpuState.TIMEOUT) else EXIT_OK
+
+
+def _bootstrap(args: argparse.Namespace) -> int:
+    from agent.bootstrap.bake import run_bake
+    from agent.logconfig import configure_logging
+
+    settings, profile = _load(args, need_profile=True)
+    assert profile is not None  # _load raised otherwise
+    configure_logging(settings.log_level, settings.log_format.value, _masker(settings, profile))
+    records = run_bake(settings, profile, args.until)
+    for record in records:
+        text = record.error if record.error else record.detail or ""
+        print(f"{record.name:<12} {record.state.value:<8} {text}")
+    return EXIT_OK if all(r.state.value == "done" for r in records) else EXIT_FAILED
 
 
 def _fleet(args: argparse.Namespace) -> int:

@@ -48,6 +48,9 @@ EXIT_FORCED = 1
 REGISTRY_START_TIMEOUT_S = 30.0
 #: Shutdown never waits longer than this for a hung Redis to take the "stopping" beat.
 LAST_BEAT_TIMEOUT_S = 2.0
+#: While the bootstrap makes progress, systemd's start timeout is pushed this far ahead, every EXTEND_EVERY_S.
+EXTEND_START_S = 120.0
+EXTEND_EVERY_S = 20.0
 
 
 class Agent:
@@ -152,6 +155,7 @@ class Agent:
         puller, transport = open_puller(self.settings, self._environ, sink=from_pull, live=live_from_pull)
         self._notifier.notify(STATUS="starting")
         watchdog = asyncio.create_task(self._watchdog(), name="watchdog")
+        extend = asyncio.create_task(self._keep_start_alive(), name="extend-start")
         startup = asyncio.create_task(self._startup(puller), name="startup")
         self._startup_task = startup
         try:
@@ -160,6 +164,7 @@ class Agent:
             self._notifier.notify(STOPPING="1", STATUS="stopping")
             code = await self._teardown(startup, api, transport)
             watchdog.cancel()
+            extend.cancel()
         return code
 
     def _tell_service_manager(self, phase: Phase, reasons: list[str]) -> None:
@@ -185,6 +190,25 @@ class Agent:
         while interval:
             self._notifier.notify(WATCHDOG="1")
             await asyncio.sleep(interval)
+
+    async def _keep_start_alive(self) -> None:
+        """While the bootstrap runs, ask systemd for EXTEND_START_S more each time it made progress (model bytes
+        arrived, a stage moved on): a slow link keeps the unit starting, a stalled pull hits TimeoutStartSec."""
+        if not self._notifier.enabled:
+            return
+        seen: tuple[Any, ...] | None = None
+        while not (self.pipeline is not None and self.pipeline.finished):
+            await asyncio.sleep(EXTEND_EVERY_S)
+            ctx, pipeline = self.ctx, self.pipeline
+            if ctx is None or pipeline is None:
+                continue
+            marker = (
+                ctx.models.progress.snapshot()["bytes_done"] if ctx.models.progress.planned_yet else 0,
+                tuple(r.state.value for r in pipeline.records),
+            )
+            if marker != seen:
+                self._notifier.notify(EXTEND_TIMEOUT_USEC=str(int(EXTEND_START_S * 1_000_000)))
+            seen = marker
 
     async def _sweep_unclaimed(self) -> None:
         """Stop what a previous agent left that no instance of ours adopted (we hold the locks: it is no live

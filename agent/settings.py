@@ -33,6 +33,7 @@ class LogFormat(StrEnum):
     AUTO = "auto"
     JSON = "json"
     CONSOLE = "console"
+    JOURNALD = "journald"
 
 
 class CustomerIsolation(StrEnum):
@@ -143,7 +144,9 @@ class Settings(BaseSettings):
     hf_endpoint: str = Field(default="https://huggingface.co", pattern=r"^https?://[^/?#]+(/[^?#]*)?$")
     civitai_endpoint: str = Field(default="https://civitai.com", pattern=r"^https?://[^/?#]+(/[^?#]*)?$")
     log_level: str = Field(default="info", pattern=r"^(debug|info|warning|error)$")
-    log_format: LogFormat = Field(default=LogFormat.AUTO, description="auto: console on a terminal, else JSON.")
+    log_format: LogFormat = Field(
+        default=LogFormat.AUTO, description="auto: journald fields under systemd, console on a terminal, else JSON."
+    )
 
     @field_validator("redis_url")
     @classmethod

@@ -632,3 +632,41 @@ def test_drain_publishes_draining_then_deregisters_and_stops_the_services(agent_
         refused.stdout,
     )
     assert 0 == code, agent.read_log()
+
+
+@pytest.mark.slow
+def test_bootstrap_until_prepare_bakes_what_first_boot_then_reuses(agent_dirs: Path) -> None:
+    """`emp-agent bootstrap --until prepare` pulls and prepares, registers nothing, starts nothing and keeps no
+    machine id; an agent started on the same dirs afterwards pulls nothing and re-runs no step; a bake beside
+    a running agent is refused."""
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("EMP_AGENT_")},
+        "EMP_AGENT_STATE_DIR": str(agent_dirs / "state"),
+        "EMP_AGENT_RUNTIME_DIR": str(agent_dirs / "run"),
+        "EMP_AGENT_LOG_DIR": str(agent_dirs / "log"),
+        "EMP_AGENT_MODEL_ROOT": str(agent_dirs / "models"),
+        "EMP_AGENT_PROFILE": str(REPO / "profiles" / "demo.toml"),
+    }
+
+    def bake() -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "agent", "bootstrap", "--until", "prepare"]
+        return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120, cwd=agent_dirs)
+
+    baked = bake()
+
+    assert 0 == baked.returncode, baked.stderr
+    assert ["detect", "pull_models", "prepare"] == [line.split()[0] for line in baked.stdout.splitlines()]
+    assert not (agent_dirs / "state" / "machine-id").exists()
+    assert not (agent_dirs / "run" / "agent.sock").exists()
+    agent = AgentProcess(agent_dirs, REPO / "profiles" / "demo.toml")
+    try:
+        status = agent.wait_phase("ready")
+        details = {s["name"]: s["detail"] for s in status["stages"]}
+        assert "0 pulled" in details["pull_models"]
+        assert "1 already verified" in details["pull_models"]
+        assert "0 step(s) run" in details["prepare"]
+        refused = bake()
+        assert 1 == refused.returncode
+        assert "another emp-agent" in refused.stderr
+    finally:
+        assert 0 == agent.stop()
