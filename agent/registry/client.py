@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from dataclasses import dataclass
 from enum import StrEnum
 from importlib import resources
@@ -19,7 +20,8 @@ from agent.registry.connection import open_client, translate
 from agent.registryurl import TlsFiles
 
 LIBRARY = resources.files("agent.registry").joinpath("library.lua").read_text(encoding="utf-8")
-REVISION = 1
+#: The library's revision, as its source declares it: an agent loads its library over any older one.
+REVISION = int(re.search(r"^local REVISION = (\d+)$", LIBRARY, re.MULTILINE).group(1))  # type: ignore[union-attr]
 #: Events kept in each machine's stream (approximately: XADD MAXLEN ~).
 STREAM_MAXLEN = 1000
 #: How long a machine's event stream outlives its last registration.

@@ -4,19 +4,24 @@
 -- only (they share the hash tag {<machine_id>}), so each call is atomic and stays in one Redis Cluster slot.
 -- Times come from the server's TIME, never from the agent.
 
-local REVISION = 1
+local REVISION = 2
 
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
+-- Fields only these functions write; a caller's JSON cannot set them.
+local PROTECTED = {epoch = true, registered_at_ms = true, last_heartbeat_ms = true}
+
 local function hset_json(key, json)
   local fields = cjson.decode(json)
   local flat = {}
   for name, value in pairs(fields) do
-    flat[#flat + 1] = name
-    flat[#flat + 1] = tostring(value)
+    if not PROTECTED[name] then
+      flat[#flat + 1] = name
+      flat[#flat + 1] = tostring(value)
+    end
   end
   if #flat > 0 then
     redis.call('HSET', key, unpack(flat))
@@ -32,6 +37,18 @@ local function add_events(stream, maxlen, events, first)
   for i = first, #events do
     add_event(stream, maxlen, events[i])
   end
+end
+
+-- nil when `epoch` owns the record; otherwise the reply that says why not.
+local function not_owner(record, epoch)
+  local current = redis.call('HGET', record, 'epoch')
+  if not current then
+    return {'NOT_REGISTERED', 0}
+  end
+  if current ~= epoch then
+    return {'FENCED', tonumber(current)}
+  end
+  return nil
 end
 
 local function lifecycle(name, machine_id, epoch, now)
@@ -61,12 +78,9 @@ end
 -- {'FENCED', current epoch} (a newer registration owns this machine id: stop writing).
 local function heartbeat(keys, args)
   local record, stream = keys[1], keys[2]
-  local current = redis.call('HGET', record, 'epoch')
-  if not current then
-    return {'NOT_REGISTERED', 0}
-  end
-  if current ~= args[1] then
-    return {'FENCED', tonumber(current)}
+  local refused = not_owner(record, args[1])
+  if refused then
+    return refused
   end
   local now = now_ms()
   hset_json(record, args[2])
@@ -81,18 +95,15 @@ end
 -- Deletes the record only for the epoch that owns it. Returns {'OK'|'NOT_REGISTERED'|'FENCED', epoch}.
 local function deregister(keys, args)
   local record, stream = keys[1], keys[2]
-  local current = redis.call('HGET', record, 'epoch')
-  if not current then
-    return {'NOT_REGISTERED', 0}
-  end
-  if current ~= args[1] then
-    return {'FENCED', tonumber(current)}
+  local refused = not_owner(record, args[1])
+  if refused then
+    return refused
   end
   add_events(stream, tonumber(args[2]), args, 3)
   local machine_id = redis.call('HGET', record, 'machine_id')
-  add_event(stream, tonumber(args[2]), lifecycle('deregistered', machine_id, tonumber(current), now_ms()))
+  add_event(stream, tonumber(args[2]), lifecycle('deregistered', machine_id, tonumber(args[1]), now_ms()))
   redis.call('DEL', record)
-  return {'OK', tonumber(current)}
+  return {'OK', tonumber(args[1])}
 end
 
 -- KEYS: fleet index (sorted set). ARGV: machine id, 'seen' or 'gone'.

@@ -178,6 +178,25 @@ def test_a_heartbeat_after_deregistration_does_not_resurrect_the_record(redis_se
     assert 0 == client.exists(keys.machine_key("m1"))
 
 
+def test_record_fields_cannot_overwrite_the_fencing_fields(redis_server: RedisServer) -> None:
+    """A record whose fields are named epoch or last_heartbeat_ms changes neither: only the functions set them."""
+    client = redis_server.client()
+
+    async def scenario() -> None:
+        registry = RedisRegistry(redis_server.url)
+        sneaky = {"machine_id": "m1", "epoch": "99", "last_heartbeat_ms": "1", "registered_at_ms": "1"}
+        answer = await registry.register("m1", sneaky, 30, [])
+        await registry.heartbeat("m1", answer.epoch, sneaky, 30, [], [])
+        await registry.aclose()
+
+    asyncio.run(scenario())
+    stored = client.hgetall(keys.machine_key("m1"))
+
+    assert "1" == stored["epoch"]
+    assert int(stored["last_heartbeat_ms"]) > 1_000_000
+    assert int(stored["registered_at_ms"]) > 1_000_000
+
+
 def test_liveness_uses_the_server_clock_not_the_agents(redis_server: RedisServer, monkeypatch: Any) -> None:
     """Case 5: with the agent's clock 10 minutes fast, the record's last_heartbeat_ms and the fleet index score
     are still Redis TIME."""
