@@ -94,7 +94,7 @@ class Agent:
         self._published_phase: Phase | None = None
         self._notifier = Notifier(self._environ)
         self._notified_ready = False
-        self._announced_ready = False
+        self._ready_announced_at: int | None = None
         self._last_snapshot: list[dict[str, Any]] | None = None
         self._readings: tuple[int, int] | None = None
         self._registry: RedisRegistry | None = None
@@ -247,6 +247,7 @@ class Agent:
             self.settings.heartbeat_interval_s,
             self.record,
             compat=self.compat_status,
+            instance=self.instance_id,
         )
         self.ctx = BootstrapContext(
             settings=self.settings,
@@ -356,9 +357,8 @@ class Agent:
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await startup
         if self.heartbeat is not None and not self._draining:  # a drained machine has no record to update
-            with contextlib.suppress(RegistryError, TimeoutError):
-                async with asyncio.timeout(LAST_BEAT_TIMEOUT_S):
-                    await self.heartbeat.beat()  # publish "stopping" before the record goes
+            await self.heartbeat.halt()
+            await self._last_beat()  # publish "stopping" before the record goes
             await self.heartbeat.stop(deregister=True)
         if self._registry is not None:
             await self._registry.aclose()
@@ -424,17 +424,27 @@ class Agent:
                 await self._startup_task
         registered = self.heartbeat is not None and self.heartbeat.beats > 0
         if self.heartbeat is not None and registered:
-            with contextlib.suppress(RegistryError, TimeoutError):
-                async with asyncio.timeout(LAST_BEAT_TIMEOUT_S):
-                    await self.heartbeat.beat()  # "draining" is in Redis before anything else happens
+            await self._last_beat()  # "draining" is in Redis before anything else happens
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._shutdown.wait(), timeout=grace_s)
+        deregistered = False
         if self.heartbeat is not None:
-            await self.heartbeat.stop(deregister=registered)
+            deregistered = await self.heartbeat.stop(deregister=registered)
         running = [s["name"] for s in self.table.snapshot() if not s["service"].startswith("emp-") and s["pid"]]
         await self.table.stop_all(keep_own=True)
-        log.info("drained", stopped=running, deregistered=registered)
-        return {"phase": self.phase()[0].value, "stopped": running, "deregistered": registered}
+        log.info("drained", stopped=running, deregistered=deregistered)
+        return {"phase": self.phase()[0].value, "stopped": running, "deregistered": deregistered}
+
+    async def _last_beat(self) -> None:
+        """One beat with a short deadline (shutdown and drain never wait long on Redis)."""
+        assert self.heartbeat is not None
+        try:
+            async with asyncio.timeout(LAST_BEAT_TIMEOUT_S):
+                await self.heartbeat.beat()
+        except (RegistryError, TimeoutError):
+            pass
+        except Exception:
+            log.exception("last heartbeat failed")
 
     async def control(self, action: str, name: str, sig: int | None = None) -> list[dict[str, Any]]:
         """The process table's control, except that a drained machine starts nothing."""
@@ -545,8 +555,9 @@ class Agent:
     def compat_status(self, update_type: str) -> dict[str, Any]:
         """The original system's `machine:status:<id>` message, for its API and monitor (docs/registry.md)."""
         phase, reasons = self.phase(in_registry=True)
-        if phase is Phase.READY and not self._announced_ready:
-            self._announced_ready = True
+        beats = self.heartbeat.beats if self.heartbeat else 0
+        if phase is Phase.READY and (self._ready_announced_at is None or beats <= self._ready_announced_at):
+            self._ready_announced_at = beats  # announced once a beat after this one has gone through
             update_type = "machine_ready"
         elif phase is Phase.STOPPING:
             update_type = "shutdown"

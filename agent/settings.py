@@ -161,8 +161,16 @@ class Settings(BaseSettings):
                 hosts_of(parts.netloc)
             except ValueError as exc:
                 raise ValueError(f"the hosts must be host:port,host:port: {exc}") from None
-            if parts.scheme.endswith("+sentinel") and not parts.path.strip("/"):
-                raise ValueError("a redis+sentinel:// URL needs the master's name as its path")
+            path = [p for p in parts.path.split("/") if p]
+            if parts.query:
+                raise ValueError("Sentinel and Cluster URLs take no ?options (put credentials before the hosts)")
+            if parts.scheme.endswith("+sentinel"):
+                if not path:
+                    raise ValueError("a redis+sentinel:// URL needs the master's name as its path")
+                if len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
+                    raise ValueError("a redis+sentinel:// URL is .../<master name>[/<db number>]")
+            elif path:
+                raise ValueError("a Redis Cluster has only database 0: no path in a redis+cluster:// URL")
             return value
         try:
             parts.port  # noqa: B018 - parsing the port is the check

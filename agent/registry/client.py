@@ -11,7 +11,8 @@ from enum import StrEnum
 from importlib import resources
 from typing import Any, Protocol
 
-from redis.exceptions import RedisError, ResponseError
+import structlog
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from agent.errors import RegistryError
 from agent.redact import redact_url
@@ -19,6 +20,7 @@ from agent.registry import keys
 from agent.registry.connection import open_client, translate
 from agent.registryurl import TlsFiles
 
+log = structlog.get_logger(__name__)
 LIBRARY = resources.files("agent.registry").joinpath("library.lua").read_text(encoding="utf-8")
 #: The library's revision, as its source declares it: an agent loads its library over any older one.
 REVISION = int(re.search(r"^local REVISION = (\d+)$", LIBRARY, re.MULTILINE).group(1))  # type: ignore[union-attr]
@@ -32,8 +34,10 @@ class Reply(StrEnum):
     """What the server said to a heartbeat or deregistration."""
 
     OK = "OK"
-    NOT_REGISTERED = "NOT_REGISTERED"  # the record is missing or expired: register again
-    FENCED = "FENCED"  # a newer registration (epoch) owns this machine id: stop writing
+    NOT_REGISTERED = "NOT_REGISTERED"  # the record is missing, expired or older than ours: register again
+    FENCED = "FENCED"  # a newer registration (epoch) by another agent owns this machine id: stop writing
+    ADOPT = "ADOPT"  # a newer epoch taken by this very agent (a registration that arrived late): use it
+    CAPS_NEEDED = "CAPS_NEEDED"  # the stored capabilities are not the ones caps_hash names: send them
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,19 @@ class Answer:
     now_ms: int = 0
 
 
+@dataclass(frozen=True)
+class Beat:
+    """One heartbeat: who sends it (machine, epoch, agent instance), the fields, the events, the status message."""
+
+    machine_id: str
+    epoch: int
+    instance: str
+    fields: dict[str, str]
+    ttl_s: int
+    events: list[str]
+    status: tuple[str, str] | None = None  # (channel, message) of the original system's machine status
+
+
 class Registry(Protocol):
     """Where the machine record lives."""
 
@@ -52,19 +69,12 @@ class Registry(Protocol):
         """Create the record under a new epoch (returned as the answer's value)."""
         ...
 
-    async def heartbeat(
-        self,
-        machine_id: str,
-        epoch: int,
-        fields: dict[str, str],
-        ttl_s: int,
-        events: list[str],
-        publish: list[tuple[str, str]],
-    ) -> Answer:
-        """Refresh the record if `epoch` still owns it, append events, publish messages; one round trip."""
+    async def heartbeat(self, beat: Beat) -> Answer:
+        """Refresh the record if the beat's epoch still owns it, append events, publish the status message; one
+        round trip."""
         ...
 
-    async def deregister(self, machine_id: str, epoch: int, events: list[str]) -> Answer:
+    async def deregister(self, machine_id: str, epoch: int, instance: str, events: list[str]) -> Answer:
         """Delete the record if `epoch` still owns it, and the fleet index entry."""
         ...
 
@@ -96,18 +106,26 @@ class RedisRegistry:
         self._loaded = True
 
     async def _call(self, build: Any) -> list[Any]:
-        """Run a pipeline built by `build(pipe)`, loading the library first, and once more if the server lost it."""
+        """Run a pipeline built by `build(pipe)`, loading the library first, and once more if the server lost it.
+        The first command's failure raises RegistryError; a later one's is logged (the first already took
+        effect, and re-sending its events would duplicate them)."""
         for attempt in (1, 2):
             try:
                 await self._ensure_library(force=attempt == 2)
                 async with self._client.pipeline(transaction=False) as pipe:
                     build(pipe)
-                    return list(await pipe.execute(raise_on_error=True))
+                    results = list(await pipe.execute(raise_on_error=False))
+                if isinstance(results[0], Exception):
+                    raise results[0]
+                for extra in results[1:]:
+                    if isinstance(extra, Exception):
+                        log.warning("registry: a secondary write failed", error=str(translate(self._shown, extra)))
+                return results
             except ResponseError as exc:
                 if attempt == 1 and "function not found" in str(exc).lower():
                     continue  # a restarted server without persistence: load and retry once
                 raise translate(self._shown, exc) from None
-            except (RedisError, OSError) as exc:
+            except (RedisError, RedisClusterException, OSError, ValueError, TypeError) as exc:
                 raise translate(self._shown, exc) from None
         raise AssertionError("unreachable")
 
@@ -122,34 +140,36 @@ class RedisRegistry:
         epoch, now = (await self._call(build))[0]
         return Answer(Reply.OK, int(epoch), int(now))
 
-    async def heartbeat(
-        self,
-        machine_id: str,
-        epoch: int,
-        fields: dict[str, str],
-        ttl_s: int,
-        events: list[str],
-        publish: list[tuple[str, str]],
-    ) -> Answer:
-        record, stream = keys.machine_key(machine_id), keys.events_key(machine_id)
-        args = [str(epoch), json.dumps(fields), ttl_s * 1000, STREAM_MAXLEN, *events]
+    async def heartbeat(self, beat: Beat) -> Answer:
+        record, stream = keys.machine_key(beat.machine_id), keys.events_key(beat.machine_id)
+        channel, message = beat.status or ("", "")
+        args = [
+            str(beat.epoch),
+            beat.instance,
+            json.dumps(beat.fields),
+            beat.ttl_s * 1000,
+            STREAM_MAXLEN,
+            STREAM_TTL_MS,
+            channel,
+            message,
+            *beat.events,
+        ]
 
         def build(pipe: Any) -> None:
             pipe.fcall("emp_v1_heartbeat", 2, record, stream, *args)
-            pipe.fcall("emp_v1_index", 1, keys.FLEET_INDEX, machine_id, "seen")
-            for channel, message in publish:
-                pipe.publish(channel, message)
+            pipe.fcall("emp_v1_index", 1, keys.FLEET_INDEX, beat.machine_id, "seen")
 
         reply, value = (await self._call(build))[0]
         if reply == Reply.OK:
-            return Answer(Reply.OK, epoch, int(value))
+            return Answer(Reply.OK, beat.epoch, int(value))
         return Answer(Reply(reply), int(value))
 
-    async def deregister(self, machine_id: str, epoch: int, events: list[str]) -> Answer:
+    async def deregister(self, machine_id: str, epoch: int, instance: str, events: list[str]) -> Answer:
         record, stream = keys.machine_key(machine_id), keys.events_key(machine_id)
+        args = [str(epoch), instance, STREAM_MAXLEN, STREAM_TTL_MS, *events]
 
         def build(pipe: Any) -> None:
-            pipe.fcall("emp_v1_deregister", 2, record, stream, str(epoch), STREAM_MAXLEN, *events)
+            pipe.fcall("emp_v1_deregister", 2, record, stream, *args)
 
         reply, value = (await self._call(build))[0]
         answer = Answer(Reply(reply), int(value))

@@ -49,7 +49,14 @@ def open_client(url: str, tls: TlsFiles | None = None) -> Any:
     if not path:
         raise RegistryError("a redis+sentinel:// URL needs the master's name as its path")
     db = int(path[1]) if len(path) > 1 and path[1].isdigit() else 0
-    sentinel_kwargs = {"socket_timeout": TIMEOUT_S, "socket_connect_timeout": TIMEOUT_S, "ssl": secure, **tls_args}
+    sentinel_kwargs = {
+        "socket_timeout": TIMEOUT_S,
+        "socket_connect_timeout": TIMEOUT_S,
+        "ssl": secure,
+        "username": common["username"],
+        "password": common["password"],  # sentinels usually share the master's credentials
+        **tls_args,
+    }
     sentinel = Sentinel(  # type: ignore[no-untyped-call]
         nodes, sentinel_kwargs=sentinel_kwargs, ssl=secure, db=db, **common, **tls_args
     )
@@ -58,9 +65,9 @@ def open_client(url: str, tls: TlsFiles | None = None) -> Any:
 
 def translate(shown: str, exc: BaseException) -> RegistryError:
     """A redis-py or socket error as our RegistryError: the redacted URL, the error, and a hint where one helps."""
-    message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    message = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
     if "certificate verify failed" in message.lower():
         message += " (is redis_ca_file the CA that signed the server's certificate?)"
-    if "noperm" in message.lower() or "no permissions" in message.lower():
+    if "noperm" in message.lower() or "permission" in message.lower():
         message += " (the Redis ACL user needs ~emp:* keys, &emp:* &machine:status:* channels, FCALL and FUNCTION)"
     return RegistryError(f"{shown}: {type(exc).__name__}: {message}")

@@ -96,28 +96,37 @@ async def read_fleet(url: str, tls: TlsFiles | None = None, need: Requirement | 
         async with client.pipeline(transaction=False) as pipe:
             for member, _score in index:
                 pipe.hmget(keys.machine_key(member), [*FIELDS, "capabilities"])
-            rows = await pipe.execute() if index else []
+            rows = await pipe.execute(raise_on_error=False) if index else []
     except (RedisError, OSError) as exc:
         raise translate(redact_url(url), exc) from None
     finally:
         await client.aclose()
     machines = []
     for (member, score), values in zip(index, rows, strict=True):
-        record = dict(zip([*FIELDS, "capabilities"], values, strict=True))
-        machines.append(_machine(member, score, record, now_ms, need or Requirement()))
+        try:
+            if isinstance(values, Exception):
+                raise values
+            record = dict(zip([*FIELDS, "capabilities"], values, strict=True))
+            machines.append(_machine(member, score, record, now_ms, need or Requirement()))
+        except (RedisError, ValueError, TypeError, KeyError, AttributeError) as exc:  # one bad record, not all
+            age = round((now_ms - score) / 1000, 1)
+            reason = f"unreadable record: {type(exc).__name__}: {str(exc)[:120]}"
+            machines.append(Machine(str(member), Liveness.SUSPECT, age, unmet=reason))
     return sorted(machines, key=lambda m: (m.liveness != Liveness.LIVE, m.machine_id))
 
 
 def _machine(member: str, score: float, raw: dict[str, Any], now_ms: int, need: Requirement) -> Machine:
-    if raw["phase"] is None:
+    if all(value is None for value in raw.values()):
         return Machine(member, Liveness.DEAD, round((now_ms - score) / 1000, 1), unmet="no record")
     last = int(raw["last_heartbeat_ms"] or score)
     interval = int(raw["interval_ms"] or 10_000)
     age_ms = now_ms - last
     caps = json.loads(raw["capabilities"] or "{}")
+    if not isinstance(caps, dict):
+        raise TypeError("capabilities is not an object")
     record = {"services_ready": json.loads(raw["services_ready"] or "[]")}
     unmet = need.unmet(record, caps)
-    if unmet is None and raw["phase"] not in SERVING:
+    if unmet is None and raw["phase"] not in SERVING:  # includes a record without a phase
         unmet = f"phase {raw['phase']}"
     liveness = Liveness.LIVE if age_ms <= 2 * interval else Liveness.SUSPECT
     if unmet is None and liveness is not Liveness.LIVE:

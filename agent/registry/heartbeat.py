@@ -4,6 +4,7 @@ carrying queued events; re-register when the record is gone; stop for good when 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 from collections import deque
@@ -15,11 +16,11 @@ import structlog
 
 from agent.errors import RegistryError
 from agent.registry import keys
-from agent.registry.client import Registry, Reply
+from agent.registry.client import Answer, Beat, Registry, Reply
 
 log = structlog.get_logger(__name__)
 JITTER = 0.1
-DEREGISTER_TIMEOUT_S = 3.0
+DEREGISTER_TIMEOUT_S = 2.0
 KICK_DELAY_S = 0.2
 #: Events kept while Redis is unreachable; beyond this the oldest are dropped (and counted).
 EVENT_QUEUE = 1000
@@ -41,6 +42,7 @@ class Heartbeat:
         record: Callable[[], dict[str, Any]],
         unit_random: Callable[[], float] = random.random,
         compat: Callable[[str], dict[str, Any]] | None = None,
+        instance: str = "",
     ) -> None:
         self._registry = registry
         self._machine_id = machine_id
@@ -48,6 +50,8 @@ class Heartbeat:
         self._record = record
         self._random = unit_random
         self._compat = compat
+        self._instance = instance
+        self._beating = asyncio.Lock()
         self.connected = False
         self.last_heartbeat: str | None = None
         self.last_error: str | None = None
@@ -94,7 +98,12 @@ class Heartbeat:
     # ---- beating -----------------------------------------------------------------------------------------
 
     async def beat(self) -> None:
-        """Write the record once; raises RegistryError (and records it) when Redis does not take it."""
+        """Write the record once; raises RegistryError (and records it) when Redis does not take it. Beats never
+        overlap (the register stage, the loop and shutdown may all ask for one)."""
+        async with self._beating:
+            await self._beat()
+
+    async def _beat(self) -> None:
         if self.fenced_by is not None or self._deregistered:
             return
         record = self._record()
@@ -109,21 +118,10 @@ class Heartbeat:
                 self.epoch = answer.epoch
                 log.info("registered", machine_id=self._machine_id, epoch=self.epoch, beats=self.beats)
             else:
-                caps = record.get("caps_hash")
-                if caps is not None and caps == self._acked_caps:
-                    fields.pop("capabilities", None)  # unchanged: the small fields alone
-                publish = (
-                    [(keys.compat_channel(self._machine_id), json.dumps(self._compat(update)))]
-                    if (self._compat)
-                    else []
-                )
-                answer = await self._registry.heartbeat(self._machine_id, self.epoch, fields, ttl, events, publish)
-                if answer.reply is Reply.NOT_REGISTERED:
-                    self._lost_record(events)
+                sent = await self._send(record, fields, ttl, events, update)
+                if sent is None:
                     return
-                if answer.reply is Reply.FENCED:
-                    self._fenced(answer.epoch)
-                    return
+                answer = sent
         except RegistryError as exc:
             self._queue(events, front=True)
             if self.connected or self.last_error != str(exc):
@@ -131,11 +129,43 @@ class Heartbeat:
             self.connected = False
             self.last_error = str(exc)
             raise
+        except BaseException:
+            self._queue(events, front=True)  # whatever went wrong, the events are not lost
+            raise
         self._acked_caps = record.get("caps_hash")
         self.connected = True
         self.last_error = None
         self.beats += 1
         self.last_heartbeat = datetime.fromtimestamp(answer.now_ms / 1000, UTC).isoformat(timespec="milliseconds")
+
+    async def _send(
+        self, record: dict[str, Any], fields: dict[str, str], ttl: int, events: list[str], update: str
+    ) -> Answer | None:
+        """A heartbeat, following the server's answer: adopt our own late registration, send the capabilities
+        when the stored ones are not current; None when the record is gone or fenced."""
+        assert self.epoch is not None
+        status = (keys.compat_channel(self._machine_id), json.dumps(self._compat(update))) if self._compat else None
+        for _ in range(3):
+            small = dict(fields)
+            caps = record.get("caps_hash")
+            if caps is not None and caps == self._acked_caps:
+                small.pop("capabilities", None)  # unchanged: the small fields alone
+            beat = Beat(self._machine_id, self.epoch, self._instance, small, ttl, events, status)
+            answer = await self._registry.heartbeat(beat)
+            if answer.reply is Reply.OK:
+                return answer
+            if answer.reply is Reply.ADOPT:
+                log.info("a late registration of this agent took a newer epoch; using it", epoch=answer.epoch)
+                self.epoch = answer.epoch
+            elif answer.reply is Reply.CAPS_NEEDED:
+                self._acked_caps = None  # the server lost or never stored them (an old snapshot): send them
+            elif answer.reply is Reply.NOT_REGISTERED:
+                self._lost_record(events)
+                return None
+            else:
+                self._fenced(answer.epoch)
+                return None
+        raise RegistryError(f"the registry kept answering {answer.reply.value}")
 
     def _lost_record(self, events: list[str]) -> None:
         """The record expired or Redis lost its data: register again soon, with what was not yet sent."""
@@ -200,22 +230,35 @@ class Heartbeat:
             except Exception:
                 log.exception("heartbeat failed; trying again next interval")
 
-    async def stop(self, deregister: bool = True) -> None:
-        """Stop beating and, by default, remove the record (bounded wait: shutdown never hangs on Redis). Once
-        deregistered, no later beat writes the record again."""
+    async def halt(self) -> None:
+        """Stop the beat loop now, cancelling a beat in flight (one against a hung Redis must not hold a
+        shutdown); beat() and stop() still work afterwards."""
         self._stopping.set()
         if self._task is not None:
-            await self._task
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
             self._task = None
+
+    async def stop(self, deregister: bool = True) -> bool:
+        """Stop beating and, by default, remove the record (bounded wait: shutdown never hangs on Redis). Once
+        deregistered, no later beat writes the record again. True when the record was removed."""
+        await self.halt()
+        removed = False
         if deregister and self.epoch is not None and self.fenced_by is None:
             try:
                 async with asyncio.timeout(DEREGISTER_TIMEOUT_S):
-                    answer = await self._registry.deregister(self._machine_id, self.epoch, self._take_events())
+                    async with self._beating:
+                        answer = await self._registry.deregister(
+                            self._machine_id, self.epoch, self._instance, self._take_events()
+                        )
                 self._deregistered = True
                 if answer.reply is Reply.FENCED:
                     log.warning("not deregistering: a newer agent owns this machine id", owner_epoch=answer.epoch)
                 else:
+                    removed = True
                     log.info("deregistered", machine_id=self._machine_id)
             except (RegistryError, TimeoutError) as exc:
                 log.warning("could not deregister; the record expires by its TTL", error=str(exc) or "timeout")
-            self.connected = False
+        self.connected = False
+        return removed

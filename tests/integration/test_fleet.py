@@ -67,13 +67,23 @@ def test_fleet_lists_liveness_and_the_machines_that_fit_a_job(redis_server: Redi
         await registry.aclose()
         client.hset(keys.machine_key("late"), "last_heartbeat_ms", "1000")  # its beats stopped long ago
         client.delete(keys.machine_key("gone"))  # its record expired
+        client.zadd(keys.FLEET_INDEX, {"broken": 1, "odd": 1})
+        client.set(keys.machine_key("broken"), "not a hash")  # garbage must not hide the rest
+        client.hset(keys.machine_key("odd"), mapping={"capabilities": "[1, 2]", "phase": "ready"})
         everyone = await read_fleet(redis_server.url)
         fits = await read_fleet(redis_server.url, need=Requirement("comfyui", 40000, ("sdxl",)))
         return {m.machine_id: m.liveness for m in everyone}, [m.machine_id for m in fits if m.unmet is None]
 
     liveness, fits = asyncio.run(scenario())
 
-    assert {"h100": Liveness.LIVE, "t4": Liveness.LIVE, "late": Liveness.SUSPECT, "gone": Liveness.DEAD} == liveness
+    assert {
+        "h100": Liveness.LIVE,
+        "t4": Liveness.LIVE,
+        "late": Liveness.SUSPECT,
+        "gone": Liveness.DEAD,
+        "broken": Liveness.SUSPECT,
+        "odd": Liveness.SUSPECT,
+    } == liveness
     assert ["h100"] == fits
 
 

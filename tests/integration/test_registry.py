@@ -10,7 +10,7 @@ from typing import Any
 
 from agent.errors import RegistryError
 from agent.registry import keys
-from agent.registry.client import RedisRegistry, Reply
+from agent.registry.client import Beat, RedisRegistry, Reply
 from agent.registry.heartbeat import Heartbeat
 from tests.conftest import RedisServer
 from tests.helpers import await_until
@@ -169,8 +169,8 @@ def test_a_heartbeat_after_deregistration_does_not_resurrect_the_record(redis_se
     async def scenario() -> Reply:
         registry = RedisRegistry(redis_server.url)
         answer = await registry.register("m1", {"machine_id": "m1", "phase": "ready"}, 30, [])
-        await registry.deregister("m1", answer.epoch, [])
-        late = await registry.heartbeat("m1", answer.epoch, {"phase": "ready"}, 30, [], [])
+        await registry.deregister("m1", answer.epoch, "", [])
+        late = await registry.heartbeat(Beat("m1", answer.epoch, "", {"phase": "ready"}, 30, []))
         await registry.aclose()
         return late.reply
 
@@ -186,7 +186,7 @@ def test_record_fields_cannot_overwrite_the_fencing_fields(redis_server: RedisSe
         registry = RedisRegistry(redis_server.url)
         sneaky = {"machine_id": "m1", "epoch": "99", "last_heartbeat_ms": "1", "registered_at_ms": "1"}
         answer = await registry.register("m1", sneaky, 30, [])
-        await registry.heartbeat("m1", answer.epoch, sneaky, 30, [], [])
+        await registry.heartbeat(Beat("m1", answer.epoch, "", sneaky, 30, []))
         await registry.aclose()
 
     asyncio.run(scenario())
@@ -282,3 +282,70 @@ def test_errors_never_show_the_password(short_tmp: Any) -> None:
 
     assert message.startswith("redis://default:***@127.0.0.1:1/0: ")
     assert "hunter2" not in message
+
+
+def test_a_record_from_an_older_epoch_means_register_again_not_fenced(redis_server: RedisServer) -> None:
+    """Redis restored from an old snapshot (or a failover to a lagging replica) holds epoch 1 while the agent has
+    epoch 2: the agent registers again instead of fencing itself for good."""
+    client = redis_server.client()
+    key = keys.machine_key("m1")
+
+    async def scenario() -> Heartbeat:
+        registry = RedisRegistry(redis_server.url)
+        heartbeat = Heartbeat(registry, "m1", 10.0, recorder(), unit_random=lambda: 0.0)
+        await heartbeat.beat()
+        client.hset(key, "epoch", "0")  # the server went back in time
+        await heartbeat.beat()  # told NOT_REGISTERED
+        await heartbeat.beat()  # registers again
+        await registry.aclose()
+        return heartbeat
+
+    heartbeat = asyncio.run(scenario())
+
+    assert (None, True) == (heartbeat.fenced_by, heartbeat.connected)
+    assert int(client.hget(key, "epoch") or 0) == heartbeat.epoch
+
+
+def test_a_late_registration_of_the_same_agent_is_adopted_not_fenced(redis_server: RedisServer) -> None:
+    """A registration that timed out and then arrived after its retry took a newer epoch: the same agent instance
+    adopts it and keeps beating."""
+    client = redis_server.client()
+    key = keys.machine_key("m1")
+
+    async def scenario() -> Heartbeat:
+        registry = RedisRegistry(redis_server.url)
+        heartbeat = Heartbeat(registry, "m1", 10.0, recorder(instance_id="agent-a"), instance="agent-a")
+        await heartbeat.beat()  # epoch 1
+        late = RedisRegistry(redis_server.url)  # the stalled first attempt lands now
+        await late.register("m1", {"machine_id": "m1", "instance_id": "agent-a"}, 30, [])
+        await late.aclose()
+        await heartbeat.beat()
+        await registry.aclose()
+        return heartbeat
+
+    heartbeat = asyncio.run(scenario())
+
+    assert (None, 2, True) == (heartbeat.fenced_by, heartbeat.epoch, heartbeat.connected)
+    assert "2" == client.hget(key, "epoch")
+
+
+def test_capabilities_are_resent_when_the_server_holds_other_ones(redis_server: RedisServer) -> None:
+    """After a restore from an older snapshot with the same epoch, the stored capabilities are not the ones the
+    agent last sent: the server asks for them and the record is whole again in the same beat."""
+    client = redis_server.client()
+    key = keys.machine_key("m1")
+    record = recorder()
+
+    async def scenario() -> None:
+        registry = RedisRegistry(redis_server.url)
+        heartbeat = Heartbeat(registry, "m1", 10.0, record)
+        await heartbeat.beat()
+        record.state.update(capabilities={"gpus": 7}, caps_hash="sha256:2")  # type: ignore[attr-defined]
+        await heartbeat.beat()
+        client.hset(key, mapping={"caps_hash": "sha256:1", "capabilities": '{"services": ["comfyui"]}'})
+        await heartbeat.beat()
+        await registry.aclose()
+
+    asyncio.run(scenario())
+
+    assert ("sha256:2", {"gpus": 7}) == (client.hget(key, "caps_hash"), json.loads(client.hget(key, "capabilities")))

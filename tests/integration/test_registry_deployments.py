@@ -95,7 +95,10 @@ def test_cluster_registration_heartbeats_and_events_without_crossslot(cluster: C
 
     async def scenario() -> list[tuple[str, str, int]]:
         registry = RedisRegistry(cluster.url)
-        beats = [Heartbeat(registry, m, 10.0, recorder(machine_id=m)) for m in machines]
+        beats = [
+            Heartbeat(registry, m, 10.0, recorder(machine_id=m), compat=lambda update: {"update_type": update})
+            for m in machines
+        ]
         for beat in beats:
             await beat.beat()
             beat.publish({"type": "service", "event": "state", "state": "RUNNING"})
