@@ -356,16 +356,20 @@ class Agent:
             startup.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await startup
-        if self.heartbeat is not None and not self._draining:  # a drained machine has no record to update
-            await self.heartbeat.halt()
-            await self._last_beat()  # publish "stopping" before the record goes
-            await self.heartbeat.stop(deregister=True)
-        if self._registry is not None:
-            await self._registry.aclose()
-        await self.table.stop_all()
-        await self._sweep_unclaimed()
-        transport.close()
-        await api.stop()
+        try:
+            if self.heartbeat is not None and not self._draining:  # a drained machine has no record to update
+                await self.heartbeat.halt()
+                await self._last_beat()  # publish "stopping" before the record goes
+                await self.heartbeat.stop(deregister=True)
+            if self._registry is not None:
+                await self._registry.aclose()
+        except Exception:  # nothing on the registry's side may leave the services running (KillMode=process)
+            log.exception("deregistration failed; stopping the services anyway")
+        finally:
+            await self.table.stop_all()
+            await self._sweep_unclaimed()
+            transport.close()
+            await api.stop()
         forced = self._force.is_set()
         log.info("stopped", forced=forced)
         return EXIT_FORCED if forced else EXIT_OK

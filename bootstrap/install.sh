@@ -86,9 +86,11 @@ install_file() {  # install_file SRC DEST MODE: copy when different
 install_file "$deploy/systemd/emp-agent.service" /etc/systemd/system/emp-agent.service 0644
 install_file "$deploy/systemd/emp-agent.sysusers" /usr/lib/sysusers.d/emp-agent.conf 0644
 install -d -m 0755 /etc/emp-agent /etc/emp-agent/profiles
-for profile in "$deploy"/profiles/*; do
+for profile in "$deploy"/profiles/*; do  # profiles and their assets (the demo's checkpoint); never overwritten
   target="/etc/emp-agent/profiles/$(basename "$profile")"
-  [ -e "$target" ] || { install -m 0644 "$profile" "$target"; say "wrote $target"; }
+  [ -e "$target" ] && continue
+  if [ -d "$profile" ]; then cp -r "$profile" "$target"; else install -m 0644 "$profile" "$target"; fi
+  say "wrote $target"
 done
 if [ ! -e /etc/emp-agent/agent.toml ]; then
   cat > /etc/emp-agent/agent.toml <<'TOML'
