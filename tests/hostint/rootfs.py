@@ -19,6 +19,7 @@ Use it from a test module with `from tests.hostint.rootfs import rootfs_fixture 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -29,6 +30,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import wait_until
+from tests.hostint.container import Container
 
 SUITE = "bookworm"
 MIRROR = "http://deb.debian.org/debian"
@@ -226,3 +230,29 @@ def tree_wheelhouse_fixture(rootfs: Path, wheelhouse: Path) -> Iterator[Path]:
         yield path
     finally:
         _tree_wheelhouse.release()
+
+
+def agent_status(ct: Container) -> dict[str, object] | None:
+    """`emp-agent status --json` inside the container, or None while the agent does not answer."""
+    proc = ct.run("emp-agent", "status", "--json", check=False, timeout=30)
+    try:
+        status = json.loads(proc.stdout)
+    except ValueError:
+        return None
+    return status if isinstance(status, dict) else None
+
+
+def wait_ready(ct: Container, timeout: float = 90) -> dict[str, object]:
+    """The agent's status once its phase is ready; at the deadline, fail with its last status and journal."""
+    try:
+        return wait_until(
+            lambda: (s := agent_status(ct)) is not None and s.get("phase") == "ready" and s,
+            timeout=timeout,
+            interval=0.5,
+            what="emp-agent status --json to say phase ready",
+        )
+    except AssertionError as exc:
+        journal = ct.run("journalctl", "-u", "emp-agent", "--no-pager", "-n", "80", check=False).stdout
+        raise AssertionError(
+            f"{exc}\nlast status: {json.dumps(agent_status(ct))[:3000]}\njournal:\n{journal}"
+        ) from None

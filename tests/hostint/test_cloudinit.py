@@ -5,7 +5,6 @@ a half-installed agent behind."""
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import subprocess
@@ -13,9 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import wait_until
 from tests.hostint.container import Container
-from tests.hostint.rootfs import rootfs_fixture, tree_wheelhouse_fixture  # noqa: F401 (fixtures)
+from tests.hostint.rootfs import rootfs_fixture, tree_wheelhouse_fixture, wait_ready  # noqa: F401 (fixtures)
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES_DIR = REPO / "bootstrap" / "cloud-init"
@@ -102,32 +100,6 @@ def diagnostics(ct: Container) -> str:
         proc = ct.run(*argv, check=False, timeout=30)
         parts.append(f"$ {' '.join(argv)}\n{proc.stdout}{proc.stderr}")
     return "\n".join(parts)
-
-
-def agent_status(ct: Container) -> dict[str, object] | None:
-    """`emp-agent status --json` inside the container, or None while the agent does not answer."""
-    proc = ct.run("emp-agent", "status", "--json", check=False, timeout=30)
-    try:
-        status = json.loads(proc.stdout)
-    except ValueError:
-        return None
-    return status if isinstance(status, dict) else None
-
-
-def wait_ready(ct: Container, timeout: float = 90) -> dict[str, object]:
-    """The agent's status once its phase is ready; at the deadline, fail with its last status and journal."""
-    try:
-        return wait_until(
-            lambda: (s := agent_status(ct)) is not None and s.get("phase") == "ready" and s,
-            timeout=timeout,
-            interval=0.5,
-            what="emp-agent status --json to say phase ready",
-        )
-    except AssertionError as exc:
-        journal = ct.run("journalctl", "-u", "emp-agent", "--no-pager", "-n", "80", check=False).stdout
-        raise AssertionError(
-            f"{exc}\nlast status: {json.dumps(agent_status(ct))[:3000]}\njournal:\n{journal}"
-        ) from None
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=[path.name for path in EXAMPLES])

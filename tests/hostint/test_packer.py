@@ -7,7 +7,6 @@ the baked models, without pulling them again."""
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -20,7 +19,7 @@ import pytest
 from agent.identity import machine_id as derive_machine_id
 from tests.helpers import wait_until
 from tests.hostint.container import Container
-from tests.hostint.rootfs import rootfs_fixture, tree_wheelhouse_fixture  # noqa: F401 (fixtures)
+from tests.hostint.rootfs import rootfs_fixture, tree_wheelhouse_fixture, wait_ready  # noqa: F401 (fixtures)
 
 REPO = Path(__file__).resolve().parents[2]
 PACKER_DIR = REPO / "packer"
@@ -182,32 +181,6 @@ def snapshot(ct: Container, dest: Path) -> None:
     for name, mode in (("proc", 0o555), ("sys", 0o555), ("dev", 0o755), ("run", 0o755), ("tmp", 0o1777)):
         (dest / name).mkdir(exist_ok=True)
         (dest / name).chmod(mode)
-
-
-def agent_status(ct: Container) -> dict[str, object] | None:
-    """`emp-agent status --json` inside the container, or None while the agent does not answer."""
-    proc = ct.run("emp-agent", "status", "--json", check=False, timeout=30)
-    try:
-        status = json.loads(proc.stdout)
-    except ValueError:
-        return None
-    return status if isinstance(status, dict) else None
-
-
-def wait_ready(ct: Container, timeout: float = 90) -> dict[str, object]:
-    """The agent's status once its phase is ready; at the deadline, fail with its last status and journal."""
-    try:
-        return wait_until(
-            lambda: (s := agent_status(ct)) is not None and s.get("phase") == "ready" and s,
-            timeout=timeout,
-            interval=0.5,
-            what="emp-agent status --json to say phase ready",
-        )
-    except AssertionError as exc:
-        journal = ct.run("journalctl", "-u", "emp-agent", "--no-pager", "-n", "80", check=False).stdout
-        raise AssertionError(
-            f"{exc}\nlast status: {json.dumps(agent_status(ct))[:3000]}\njournal:\n{journal}"
-        ) from None
 
 
 def exists(ct: Container, path: str) -> bool:
