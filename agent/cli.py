@@ -55,6 +55,11 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--config", type=Path, help="agent TOML file (default: $EMP_AGENT_CONFIG or /etc/emp-agent/agent.toml)"
     )
+    common.add_argument(
+        "--env-file",
+        type=Path,
+        help="read KEY=value lines first, as the unit's EnvironmentFile= does (e.g. /etc/emp-agent/env)",
+    )
     parser = argparse.ArgumentParser(
         prog="emp-agent",
         description="Host agent for GPU fleets: bootstrap the host, supervise its services, register in Redis.",
@@ -125,7 +130,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Reads the registry named by EMP_AGENT_REDIS_URL (or this host's embedded one). With a "
         "requirement, lists the machines that meet it; exit 1 when none does.",
     )
-    fleet.add_argument("--service", help="a job-facing service name that must be ready (e.g. comfyui)")
+    fleet.add_argument(
+        "--service", help="a job-facing capability name that must be ready (a profile's `capabilities`, e.g. comfyui)"
+    )
     fleet.add_argument("--min-gpu-memory-mib", type=_count, default=0, help="an offered GPU slot with this much")
     fleet.add_argument("--model", action="append", default=[], help="a model (name or sha256) that must be present")
     fleet.add_argument("--json", action="store_true", help="print JSON instead of the table")
@@ -173,13 +180,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(args)
     except ConfigError as exc:
         for problem in exc.problems:
-            print(f"error: {problem}", file=sys.stderr)
+            _error(str(problem))
         return EXIT_USAGE
     except AgentNotRunning as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _error(str(exc))
         return EXIT_NOT_RUNNING
     except AgentError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _error(str(exc))
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
@@ -193,6 +200,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: cannot write the output: {exc.strerror}", file=sys.stderr)
             return EXIT_FAILED
         raise
+
+
+def _error(text: str) -> None:
+    """`error: …` on stderr; under systemd prefixed `<3>`, so journald files it at priority err (-p warning)."""
+    import os
+
+    from agent.journald import under_journald
+
+    prefix = "<3>" if under_journald(os.environ, sys.stderr.fileno()) else ""
+    print(f"{prefix}error: {text}", file=sys.stderr)
 
 
 def _socket(args: argparse.Namespace) -> Path:
@@ -333,6 +350,12 @@ def _load(args: argparse.Namespace, need_profile: bool) -> tuple[Settings, Profi
 
     problems: list[Problem] = []
     settings = None
+    if getattr(args, "env_file", None) is not None:
+        import os
+
+        from agent.settings import read_env_file
+
+        os.environ.update(read_env_file(args.env_file))  # raises ConfigError naming the file and line
     try:
         settings = load_settings(args.config)
     except ConfigError as exc:
@@ -413,15 +436,20 @@ def _fleet(args: argparse.Namespace) -> int:
 
     settings, _ = _load(args, need_profile=False)
     url = settings.redis_url.get_secret_value() if settings.redis_url else f"unix://{settings.registry_socket}"
+    shown = settings.redis_url_redacted or f"unix://{settings.registry_socket} (this host's embedded registry)"
+    print(f"registry: {shown}", file=sys.stderr)
     need = Requirement(args.service, args.min_gpu_memory_mib, tuple(args.model))
     machines = asyncio.run(read_fleet(url, settings.redis_tls, need))
     asked = bool(args.service or args.min_gpu_memory_mib or args.model)
-    shown = [m for m in machines if m.unmet is None] if asked else machines
+    listed = [m for m in machines if m.unmet is None] if asked else machines
     if args.json:
-        print(json.dumps([m.to_dict() for m in shown], indent=2))
+        print(json.dumps([m.to_dict() for m in listed], indent=2))
     else:
-        sys.stdout.write(render_fleet([m.to_dict() for m in shown], colour=sys.stdout.isatty()))
-    return EXIT_FAILED if asked and not shown else EXIT_OK
+        sys.stdout.write(render_fleet([m.to_dict() for m in listed], colour=sys.stdout.isatty()))
+        if asked and not listed and machines:
+            reasons = sorted({m.unmet for m in machines if m.unmet})
+            print(f"none of {len(machines)} machine(s) fits: {'; '.join(reasons)[:500]}", file=sys.stderr)
+    return EXIT_FAILED if asked and not listed else EXIT_OK
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -193,7 +193,8 @@ class Agent:
 
     async def _keep_start_alive(self) -> None:
         """While the bootstrap runs, ask systemd for EXTEND_START_S more each time it made progress (model bytes
-        arrived, a stage moved on): a slow link keeps the unit starting, a stalled pull hits TimeoutStartSec."""
+        arrived, a stage moved on) or while a preparation step runs (each has its own timeout_s): a slow link
+        keeps the unit starting, a stalled pull hits TimeoutStartSec."""
         if not self._notifier.enabled:
             return
         seen: tuple[Any, ...] | None = None
@@ -206,7 +207,8 @@ class Agent:
                 ctx.models.progress.snapshot()["bytes_done"] if ctx.models.progress.planned_yet else 0,
                 tuple(r.state.value for r in pipeline.records),
             )
-            if marker != seen:
+            preparing = any(r.name == "prepare" and r.state.value == "running" for r in pipeline.records)
+            if marker != seen or preparing:  # a preparation step is bounded by its own timeout_s
                 self._notifier.notify(EXTEND_TIMEOUT_USEC=str(int(EXTEND_START_S * 1_000_000)))
             seen = marker
 

@@ -18,11 +18,13 @@ package="emp-agent"
 start=1
 while [ $# -gt 0 ]; do
   case "$1" in
+    --wheelhouse|--package|--prefix)
+      [ $# -ge 2 ] || { echo "install.sh: $1 needs a value (see --help)" >&2; exit 2; } ;;&
     --wheelhouse) wheelhouse="$2"; shift 2 ;;
     --package) package="$2"; shift 2 ;;
     --no-start) start=0; shift ;;
     --prefix) prefix="$2"; shift 2 ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "install.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -110,7 +112,13 @@ chmod 0600 /etc/emp-agent/env
 if [ -d /run/systemd/system ]; then
   [ "$changed" = 1 ] && systemctl daemon-reload
   systemctl enable emp-agent.service >/dev/null 2>&1
-  if [ "$start" = 1 ]; then
+  configured=0
+  if grep -Eq '^[[:space:]]*profile[[:space:]]*=' /etc/emp-agent/agent.toml 2>/dev/null ||
+     grep -Eq '^[[:space:]]*EMP_AGENT_PROFILE=' /etc/emp-agent/env 2>/dev/null; then configured=1; fi
+  if [ "$start" = 1 ] && [ "$configured" = 0 ]; then
+    say "no profile set yet: put profile = \"...\" in /etc/emp-agent/agent.toml and the secrets in"
+    say "/etc/emp-agent/env, check with 'emp-agent check --env-file /etc/emp-agent/env', then 'systemctl start emp-agent'"
+  elif [ "$start" = 1 ]; then
     if systemctl is-active --quiet emp-agent.service; then
       if [ "$before" != "$after" ] || [ "$changed" = 1 ]; then
         systemctl restart emp-agent.service; say "restarted emp-agent"

@@ -172,3 +172,18 @@ def test_bad_matching_in_the_environment_names_the_field(
 
     with pytest.raises(ConfigError, match=words):
         load_settings(None)
+
+
+def test_env_file_is_read_like_systemd_reads_it(tmp_path: Path) -> None:
+    """Comments, blank lines, `export` and quotes as EnvironmentFile= accepts them; a line that is not KEY=value
+    is named by file and line."""
+    from agent.settings import read_env_file
+
+    good = tmp_path / "env"
+    good.write_text('# secrets\n\nEMP_AGENT_PROFILE=demo\nexport HF_TOKEN="hf abc"\nEMPTY=\n')
+    bad = tmp_path / "bad"
+    bad.write_text("EMP_AGENT_PROFILE=demo\nthis is not a setting\n")
+
+    assert {"EMP_AGENT_PROFILE": "demo", "HF_TOKEN": "hf abc", "EMPTY": ""} == read_env_file(good)
+    with pytest.raises(ConfigError, match=f"{bad}: line 2: not KEY=value"):
+        read_env_file(bad)
