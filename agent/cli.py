@@ -380,7 +380,8 @@ def _load(args: argparse.Namespace, need_profile: bool) -> tuple[Settings, Profi
 def _check(args: argparse.Namespace) -> int:
     import os
 
-    _settings, profile = _load(args, need_profile=False)
+    settings, profile = _load(args, need_profile=False)
+    settings.http_token()  # raises ConfigError naming the file when the token is unusable
     if profile is None:
         print("ok: settings valid (no profile given)")
         return EXIT_OK
@@ -473,6 +474,9 @@ def _masker(settings: Settings, profile: Profile) -> SecretMasker:
     from agent.redact import SecretMasker, url_secrets
 
     masker = SecretMasker()
+    token = settings.http_token()
+    if token:
+        masker.add(token)
     if settings.redis_url is not None:
         for secret in url_secrets(settings.redis_url.get_secret_value()):
             masker.add(secret)

@@ -51,6 +51,8 @@ LAST_BEAT_TIMEOUT_S = 2.0
 #: While the bootstrap makes progress, systemd's start timeout is pushed this far ahead, every EXTEND_EVERY_S.
 EXTEND_START_S = 120.0
 EXTEND_EVERY_S = 20.0
+#: How often the status table's CPU and MEM columns are sampled.
+USAGE_EVERY_S = 5.0
 
 
 class Agent:
@@ -72,6 +74,7 @@ class Agent:
         self._gpu_probe = gpu_probe or NvmlProbe(settings.gpu_probe_timeout_s)
         self._stages = stages or default_stages()
         self._environ = os.environ if environ is None else environ
+        self._http_token = settings.http_token()  # a bad token file is a configuration error before anything runs
         self._api: ControlApi | None = None
         self._draining = False
         self._startup_task: asyncio.Task[None] | None = None
@@ -97,6 +100,7 @@ class Agent:
         self._ready_announced_at: int | None = None
         self._last_snapshot: list[dict[str, Any]] | None = None
         self._readings: tuple[int, int] | None = None
+        self._usage: dict[str, dict[str, Any]] = {}
         self._registry: RedisRegistry | None = None
         self._startup_error: str | None = None
         self.pipeline: Pipeline | None = None
@@ -134,6 +138,7 @@ class Agent:
             usage=lambda: asyncio.to_thread(self.table.usage),
             drain=self.drain,
             tcp=self.settings.http_address,
+            tcp_token=self._http_token,
         )
         self._api = api
         self.table.add_listener(api.events.publish)
@@ -156,6 +161,7 @@ class Agent:
         self._notifier.notify(STATUS="starting")
         watchdog = asyncio.create_task(self._watchdog(), name="watchdog")
         extend = asyncio.create_task(self._keep_start_alive(), name="extend-start")
+        sampler = asyncio.create_task(self._sample_usage(), name="usage")
         startup = asyncio.create_task(self._startup(puller), name="startup")
         self._startup_task = startup
         try:
@@ -165,6 +171,7 @@ class Agent:
             code = await self._teardown(startup, api, transport)
             watchdog.cancel()
             extend.cancel()
+            sampler.cancel()
         return code
 
     def _tell_service_manager(self, phase: Phase, reasons: list[str]) -> None:
@@ -211,6 +218,24 @@ class Agent:
             if marker != seen or preparing:  # a preparation step is bounded by its own timeout_s
                 self._notifier.notify(EXTEND_TIMEOUT_USEC=str(int(EXTEND_START_S * 1_000_000)))
             seen = marker
+
+    async def _sample_usage(self) -> None:
+        """CPU % and RSS of each instance's process tree every USAGE_EVERY_S, for the status table's CPU and MEM
+        columns (read in a thread: /proc walks stay off the event loop)."""
+        previous: dict[str, tuple[float, float]] = {}
+        while True:
+            with contextlib.suppress(OSError):
+                now = time.monotonic()
+                usage = await asyncio.to_thread(self.table.usage)
+                sampled: dict[str, dict[str, Any]] = {}
+                for name, (rss, cpu_s) in usage.items():
+                    percent = None
+                    if name in previous and now > previous[name][0] and cpu_s >= previous[name][1]:
+                        percent = round((cpu_s - previous[name][1]) / (now - previous[name][0]) * 100, 1)
+                    sampled[name] = {"rss_bytes": rss, "cpu_percent": percent}
+                    previous[name] = (now, cpu_s)
+                self._usage = sampled
+            await asyncio.sleep(USAGE_EVERY_S)
 
     async def _sweep_unclaimed(self) -> None:
         """Stop what a previous agent left that no instance of ours adopted (we hold the locks: it is no live
@@ -595,7 +620,12 @@ class Agent:
             "started_at": self.started_at,
             "uptime_s": round(time.monotonic() - self._started_mono, 3),
             "stages": [r.to_dict() for r in self.pipeline.records] if self.pipeline else [],
-            "services": self.table.snapshot(),
+            "services": [
+                {**s, **self._usage.get(s["name"], {"rss_bytes": None, "cpu_percent": None})}
+                if s["pid"]
+                else {**s, "rss_bytes": None, "cpu_percent": None}
+                for s in self.table.snapshot()
+            ],
             "models": [m.to_dict() for m in ctx.model_status.values()] if ctx else [],
             "pull": ctx.models.progress.snapshot() if ctx and ctx.models.progress.planned_yet else None,
             "gpus": ctx.gpus.to_dict() if ctx and ctx.gpus else None,

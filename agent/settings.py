@@ -118,6 +118,11 @@ class Settings(BaseSettings):
     )
     redis_cert_file: Path | None = Field(default=None, description="Client certificate (PEM) for Redis TLS.")
     redis_key_file: Path | None = Field(default=None, description="Client key (PEM) for Redis TLS.")
+    http_token_file: Path | None = Field(
+        default=None,
+        description="File holding a bearer token (16+ characters) that allows control on the http_listen address; "
+        "unset: control only on the unix socket.",
+    )
     heartbeat_interval_s: float = Field(default=10.0, gt=0.05, le=600, description="Seconds between beats.")
     gpu_probe_timeout_s: float = Field(default=20.0, gt=0, le=600, description="Deadline of one NVML probe.")
     gpu_reprobe_interval_s: float = Field(
@@ -229,6 +234,21 @@ class Settings(BaseSettings):
     def registry_socket(self) -> Path:
         """Unix socket of the embedded registry server (used when no redis_url is set)."""
         return self.state_dir.absolute() / "registry" / "redis.sock"
+
+    def http_token(self) -> str | None:
+        """The TCP control token, read now; raises ConfigError naming the file when it is unusable."""
+        if self.http_token_file is None:
+            return None
+        try:
+            token = self.http_token_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError([Problem(str(self.http_token_file), "http_token_file", f"cannot read: {exc}")]) from None
+        if len(token) < 16 or any(c.isspace() for c in token):
+            problem = Problem(
+                str(self.http_token_file), "http_token_file", "the token must be 16+ characters, no spaces"
+            )
+            raise ConfigError([problem])
+        return token
 
     @property
     def redis_tls(self) -> TlsFiles:

@@ -92,7 +92,7 @@ def render_status(status: dict[str, Any], colour: bool = False) -> str:
         stage_states.append(stage["state"])
     lines += _table(stage_rows, stage_states, 1, colour)
     lines.append("")
-    rows = [["SERVICE", "STATE", "PID", "UPTIME", "RESTARTS", "GPU", "PORT", "LAST ERROR"]]
+    rows = [["SERVICE", "STATE", "PID", "UPTIME", "RESTARTS", "CPU", "MEM", "GPU", "PORT", "LAST ERROR"]]
     states = []
     for svc in status["services"]:
         gpu = str(svc["gpu"]["index"]) if svc.get("gpu") else "-"
@@ -103,6 +103,8 @@ def render_status(status: dict[str, Any], colour: bool = False) -> str:
                 str(svc["pid"] or "-"),
                 format_duration(svc["uptime_s"]),
                 str(svc["restarts"]),
+                f"{svc['cpu_percent']:.1f}%" if svc.get("cpu_percent") is not None else "-",
+                format_bytes(svc.get("rss_bytes")),
                 gpu,
                 str(svc["port"] or "-"),
                 svc["last_error"] or "",
@@ -125,6 +127,17 @@ def render_status(status: dict[str, Any], colour: bool = False) -> str:
             model_states.append({"verified": "done", "pulled": "done", "cached": "done"}.get(m["state"], "failed"))
         lines += _table(model_rows, model_states, 1, colour)
     return "\n".join(lines)
+
+
+def format_bytes(size: int | None) -> str:
+    """Compact memory size: 812K, 512M, 1.2G (binary units, as pm2 and top show them)."""
+    if size is None:
+        return "-"
+    for unit, scale in (("G", 2**30), ("M", 2**20), ("K", 2**10)):
+        if size >= scale:
+            value = size / scale
+            return f"{value:.1f}{unit}" if value < 10 else f"{value:.0f}{unit}"
+    return f"{size}B"
 
 
 def format_pull(pull: dict[str, Any]) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import grp
+import hmac
 import json
 import os
 import signal
@@ -33,8 +34,9 @@ DrainSource = Callable[[float], Awaitable[dict[str, Any]]]
 
 class ControlApi:
     """GET /healthz (process alive), /readyz (phase ready), /status (the full status document), /metrics
-    (Prometheus); POST control on the unix socket only. The optional TCP listener serves the GET endpoints and
-    nothing else."""
+    (Prometheus), /events; POST control (services, drain) on the unix socket. The optional TCP listener serves
+    the GET endpoints, and control only when a bearer token is configured: every POST must carry it (compared in
+    constant time), else 401 and nothing happens."""
 
     def __init__(
         self,
@@ -44,6 +46,7 @@ class ControlApi:
         usage: UsageSource | None = None,
         tcp: tuple[str, int] | None = None,
         drain: DrainSource | None = None,
+        tcp_token: str | None = None,
     ) -> None:
         self.socket_path = socket_path
         self._status = status
@@ -51,12 +54,13 @@ class ControlApi:
         self._usage = usage
         self._drain = drain
         self._tcp = tcp
+        self._tcp_token = tcp_token
         self._runners: list[web.AppRunner] = []
         self.tcp_port: int | None = None
         self.events = EventHub()
 
-    def _app(self, control: bool) -> web.Application:
-        app = web.Application()
+    def _app(self, control: bool, token: str | None = None) -> web.Application:
+        app = web.Application(middlewares=[_bearer(token)] if token else [])
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/status", self._status_handler)
@@ -82,7 +86,8 @@ class ControlApi:
         with contextlib.suppress(KeyError, PermissionError):
             os.chown(self.socket_path, -1, grp.getgrnam(SOCKET_GROUP).gr_gid)
         if self._tcp is not None:
-            tcp = web.AppRunner(self._app(control=False), access_log=None, handle_signals=False)
+            app = self._app(control=self._tcp_token is not None, token=self._tcp_token)
+            tcp = web.AppRunner(app, access_log=None, handle_signals=False)
             await tcp.setup()
             self._runners.append(tcp)
             site = web.TCPSite(tcp, self._tcp[0], self._tcp[1])
@@ -185,6 +190,26 @@ class ControlApi:
         except UnknownService:
             return web.json_response({"results": [{"name": name, "ok": False, "error": "no such service"}]}, status=404)
         return web.json_response({"results": results})
+
+
+def _bearer(token: str) -> Any:
+    """Middleware: a POST without `Authorization: Bearer <token>` is 401 before any handler runs."""
+    expected = f"Bearer {token}".encode()
+
+    @web.middleware
+    async def check(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.method != "GET":
+            given = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                return web.json_response(
+                    {"error": "control on TCP needs Authorization: Bearer <token>"},
+                    status=401,
+                    headers={"WWW-Authenticate": 'Bearer realm="emp-agent"'},
+                )
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    return check
 
 
 def _clear_stale_socket(path: Path) -> None:

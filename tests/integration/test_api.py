@@ -284,3 +284,48 @@ def test_cli_status_golden_outputs(short_tmp: Path) -> None:
 
     assert (4, golden) == (table.returncode, table.stdout)
     assert (4, document) == (as_json.returncode, json.loads(as_json.stdout))
+
+
+def test_control_over_tcp_needs_the_bearer_token(short_tmp: Path) -> None:
+    """With a token configured, control on the TCP listener works only with `Authorization: Bearer <token>`:
+    without it or with a wrong one the answer is 401 and the control source is never called; GETs stay open."""
+    token = "s3cret-token-0123456789"
+    calls: list[tuple[str, str]] = []
+
+    async def control(action: str, name: str, sig: int | None) -> list[dict[str, Any]]:
+        calls.append((action, name))
+        return [{"name": name, "ok": True}]
+
+    async def scenario() -> list[int]:
+        api = ControlApi(short_tmp / "agent.sock", lambda: FULL_STATUS, control, tcp=("127.0.0.1", 0), tcp_token=token)
+        await api.start()
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{api.tcp_port}") as client:
+                codes = [(await client.post("/services/web/stop")).status_code]
+                wrong = {"Authorization": "Bearer s3cret-token-0123456780"}
+                codes.append((await client.post("/services/web/stop", headers=wrong)).status_code)
+                codes.append((await client.get("/status")).status_code)
+                assert [] == calls
+                right = {"Authorization": f"Bearer {token}"}
+                codes.append((await client.post("/services/web/stop", headers=right)).status_code)
+                return codes
+        finally:
+            await api.stop()
+
+    assert [401, 401, 200, 200] == asyncio.run(scenario())
+    assert [("stop", "web")] == calls
+
+
+def test_an_unusable_token_file_is_a_configuration_error(tmp_path: Path) -> None:
+    """A token file that is missing or too short stops the agent before anything starts, naming the file."""
+    from agent.errors import ConfigError
+    from agent.settings import Settings
+
+    short = tmp_path / "token"
+    short.write_text("abc\n")
+
+    for path, words in ((tmp_path / "missing", "cannot read"), (short, "16+ characters")):
+        with pytest.raises(ConfigError) as caught:
+            Settings(http_token_file=path).http_token()
+        assert f"{path}: http_token_file: " in str(caught.value.problems[0])
+        assert words in str(caught.value.problems[0])

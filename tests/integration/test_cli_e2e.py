@@ -670,3 +670,26 @@ def test_bootstrap_until_prepare_bakes_what_first_boot_then_reuses(agent_dirs: P
         assert "another emp-agent" in refused.stderr
     finally:
         assert 0 == agent.stop()
+
+
+@pytest.mark.slow
+def test_status_table_shows_cpu_and_memory_of_each_service(agent_dirs: Path) -> None:
+    """A few seconds after start the status document and table carry each running instance's RSS and CPU %,
+    sampled from its real process tree."""
+    agent = AgentProcess(agent_dirs, REPO / "profiles" / "demo.toml")
+    try:
+        agent.wait_phase("ready")
+        status = wait_until(
+            lambda: (s := agent.status()) and service(s, "inference-0").get("cpu_percent") is not None and s,
+            60,
+            interval=0.5,
+            what="a CPU sample of inference-0",
+        )
+        inference = service(status, "inference-0")
+        assert 1_000_000 < inference["rss_bytes"] < 2_000_000_000
+        assert 0 <= inference["cpu_percent"] < 200
+        table = agent.cli("status").stdout
+        header = next(line for line in table.splitlines() if line.startswith("SERVICE"))
+        assert header.split()[:7] == ["SERVICE", "STATE", "PID", "UPTIME", "RESTARTS", "CPU", "MEM"]
+    finally:
+        assert 0 == agent.stop()

@@ -43,7 +43,7 @@ def test_table_shows_state_restarts_and_last_error() -> None:
 
     assert "phase    degraded" in text
     assert "- service web-0: BACKOFF (exited with code 1)" in text
-    assert ["web-0", "BACKOFF", "-", "-", "3", "-", "8188", "exited", "with", "code", "1"] == next(
+    assert ["web-0", "BACKOFF", "-", "-", "3", "-", "-", "-", "8188", "exited", "with", "code", "1"] == next(
         line for line in text.splitlines() if line.startswith("web-0")
     ).split()
 
@@ -107,3 +107,12 @@ def test_fingerprint_table_shows_mig_children_and_a_lost_gpu() -> None:
     assert "8 GPU(s); GPU 7 lost" in lost_text
     assert "GPU 7 lost: NVML reports the GPU fallen off the bus" in lost_text
     assert "\033[" not in lost_text
+
+
+def test_memory_sizes_read_like_top() -> None:
+    """RSS in the MEM column: binary units, one decimal below ten."""
+    from agent.statusview import format_bytes
+
+    assert ["-", "512B", "1.5K", "85M", "3.2G"] == [
+        format_bytes(size) for size in (None, 512, 1536, 89128960, 3435973837)
+    ]
