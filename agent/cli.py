@@ -144,6 +144,11 @@ def _parser() -> argparse.ArgumentParser:
         'zsh: `emp-agent completion zsh > "${fpath[1]}/_emp-agent"`',
     )
     completion.add_argument("shell", choices=["bash", "zsh"])
+    sub.add_parser(
+        "manpage",
+        help="print the emp-agent(1) manual page (roff)",
+        description="`emp-agent manpage > /usr/local/share/man/man1/emp-agent.1` (install.sh does this).",
+    )
     return parser
 
 
@@ -158,6 +163,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from agent.completion import completion_script
 
             print(completion_script(_parser(), args.shell))
+            return EXIT_OK
+        if args.command == "manpage":
+            from agent.manpage import render_manpage
+
+            sys.stdout.write(render_manpage(_parser()))
             return EXIT_OK
         if args.command == "status":
             return _status(args)

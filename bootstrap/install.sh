@@ -78,6 +78,13 @@ fi
 after="$("$prefix/bin/python" -c 'import agent; print(agent.__version__)')"
 deploy="$("$prefix/bin/python" -c 'import agent, pathlib; print(pathlib.Path(agent.__file__).parent / "_deploy")')"
 ln -sfn "$prefix/bin/emp-agent" /usr/local/bin/emp-agent
+install -d /usr/local/share/man/man1
+"$prefix/bin/emp-agent" manpage > /usr/local/share/man/man1/emp-agent.1.new
+if cmp -s /usr/local/share/man/man1/emp-agent.1.new /usr/local/share/man/man1/emp-agent.1; then
+  rm -f /usr/local/share/man/man1/emp-agent.1.new
+else
+  mv /usr/local/share/man/man1/emp-agent.1.new /usr/local/share/man/man1/emp-agent.1
+fi
 say "emp-agent $after in $prefix (was $before)"
 
 # Files: the unit and sysusers entry follow the package; /etc/emp-agent is the operator's.
