@@ -101,6 +101,7 @@ class Agent:
         self._last_snapshot: list[dict[str, Any]] | None = None
         self._readings: tuple[int, int] | None = None
         self._usage: dict[str, dict[str, Any]] = {}
+        self._background: set[asyncio.Task[None]] = set()
         self._registry: RedisRegistry | None = None
         self._startup_error: str | None = None
         self.pipeline: Pipeline | None = None
@@ -331,6 +332,14 @@ class Agent:
             self._on_event({**change, "at": iso_now()})
         if changes and self.heartbeat is not None:
             self.heartbeat.kick()
+        used: dict[int, int] = {}
+        for gpu in report.gpus:
+            for proc in gpu.processes or []:
+                used[proc.pid] = used.get(proc.pid, 0) + (proc.used_memory_mib or 0)
+        if used:
+            task = asyncio.create_task(self.table.check_gpu_memory(used), name="gpu-memory-limits")
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     def _slotless(self, report: GpuReport) -> dict[str, str]:
         """Healthy GPUs no per-GPU service runs on: slots are laid out when the services start, so a GPU that was

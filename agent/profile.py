@@ -154,6 +154,12 @@ class ServiceSpec(_Frozen):
     memory_limit_mib: StrictInt | None = Field(
         default=None, ge=1, description="RSS of the whole process tree; above it the instance is restarted."
     )
+    gpu_memory_limit_mib: StrictInt | None = Field(
+        default=None,
+        ge=1,
+        description="GPU memory NVML attributes to the process tree, checked at each GPU re-probe; above it the "
+        "instance is restarted.",
+    )
     resource_interval_s: float = Field(default=2.0, ge=0.1, le=60, description="How often limits are checked.")
     log_max_mib: StrictInt = Field(default=50, ge=0, description="Rotate the output log past this; 0: never.")
     log_backups: StrictInt = Field(default=5, ge=0, le=100, description="Rotated files kept (.1 newest).")

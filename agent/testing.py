@@ -79,6 +79,11 @@ class FakeNvml:
     def __dir__(self) -> list[str]:
         return [*super().__dir__(), *(n for n in dir(pynvml) if n.startswith("NVML_ERROR_"))]
 
+    @property
+    def recording(self) -> dict[str, Any]:
+        """The values replayed; a test may change them between probes (a process appears on a GPU)."""
+        return self._rec
+
     @classmethod
     def from_file(cls, path: Path, **kwargs: Any) -> FakeNvml:
         """Load a recording from tests/fixtures/nvml/*.json."""

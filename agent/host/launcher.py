@@ -68,6 +68,10 @@ class Child(Protocol):
         """(RSS bytes, CPU seconds) summed over every live process of the instance."""
         ...
 
+    def pids(self) -> set[int]:
+        """Every live process of the instance (walks /proc: call it off the event loop)."""
+        ...
+
 
 class Launcher(Protocol):
     """Starts processes and the log writers their output goes to."""
@@ -129,6 +133,9 @@ class _Tree:
 
     def tree_rss_mib(self) -> int:
         return self.usage()[0] // (1024 * 1024)
+
+    def pids(self) -> set[int]:
+        return {proc.pid for proc in self.members()}
 
     def usage(self) -> tuple[int, float]:
         rss, cpu = 0, 0.0

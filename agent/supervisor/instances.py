@@ -40,6 +40,7 @@ class InstanceSpec:
     stop_signal: str
     stop_timeout_s: float
     memory_limit_mib: int | None = None
+    gpu_memory_limit_mib: int | None = None
     log_max_bytes: int = 50 * 1024 * 1024
     log_backups: int = 5
     liveness_interval_s: float | None = None
@@ -249,6 +250,7 @@ def _instance(
         stop_signal=spec.stop_signal,
         stop_timeout_s=spec.stop_timeout_s,
         memory_limit_mib=spec.memory_limit_mib,
+        gpu_memory_limit_mib=spec.gpu_memory_limit_mib,
         log_max_bytes=spec.log_max_mib * 1024 * 1024,
         log_backups=spec.log_backups,
         liveness_interval_s=readiness.liveness_interval_s,

@@ -7,7 +7,7 @@ import contextlib
 import random
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -366,6 +366,20 @@ class ManagedService:
             log.warning("memory limit exceeded, restarting", instance=self.spec.name, rss_mib=rss, limit_mib=limit)
             await self._kill_for(child, f"memory limit: process tree RSS {rss} MiB > {limit} MiB")
             return
+
+    async def check_gpu_memory(self, used_by_pid: Mapping[int, int]) -> None:
+        """With a GPU memory limit: sum what NVML attributes to the instance's processes (MiB by pid, from the
+        last GPU probe); over the limit, stop it, and the exit counts as a failure with the reason."""
+        limit, child = self.spec.gpu_memory_limit_mib, self._child
+        if not limit or child is None or self._killed_reason:
+            return
+        pids = await asyncio.to_thread(child.pids)
+        used = sum(used_by_pid.get(pid, 0) for pid in pids)
+        if used > limit and child is self._child:
+            log.warning(
+                "GPU memory limit exceeded, restarting", instance=self.spec.name, used_mib=used, limit_mib=limit
+            )
+            await self._kill_for(child, f"GPU memory limit: {used} MiB > {limit} MiB")
 
     async def _watch_liveness(self, child: Child) -> None:
         """While RUNNING, repeat the readiness probe every liveness interval; after `liveness_failures` failures

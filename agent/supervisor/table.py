@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import structlog
@@ -197,6 +197,10 @@ class ProcessTable:
                 groups.append([service])
         for group in groups:
             await asyncio.gather(*(service.stop() for service in group))
+
+    async def check_gpu_memory(self, used_by_pid: Mapping[int, int]) -> None:
+        """Every instance with a GPU memory limit checks it against the processes' GPU memory (MiB by pid)."""
+        await asyncio.gather(*(s.check_gpu_memory(used_by_pid) for s in list(self._services.values())))
 
     def force_kill_all(self) -> None:
         """SIGKILL every tree at once (second signal during shutdown)."""

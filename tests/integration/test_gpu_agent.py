@@ -38,15 +38,15 @@ class RecordedHost:
         return read_gpus(self.nvml)
 
 
-def gpu_agent(short_tmp: Path, redis_server: RedisServer, host: RecordedHost, visible: str) -> Agent:
+def gpu_agent(short_tmp: Path, redis_server: RedisServer, host: RecordedHost, visible: str, extra: str = "") -> Agent:
     """An agent with one per-GPU HTTP service on the recorded host, re-probing every 0.2 s."""
     profile_path = short_tmp / "gpu.toml"
     profile_path.write_text(
         "[services.worker]\n"
         f'command = ["{sys.executable}", "{REPO}/tests/programs/http_service.py", "{{port}}", '
         '"{state_dir}/{instance}.pid"]\n'
-        'per_gpu = true\nport = 18600\ncapabilities = ["comfyui"]\n'
-        '[services.worker.readiness]\nkind = "http"\n'
+        'per_gpu = true\nport = 18600\ncapabilities = ["comfyui"]\nstop_timeout_s = 5\n'
+        f'{extra}[services.worker.readiness]\nkind = "http"\n'
     )
     settings = Settings(
         machine_id="m-gpu",
@@ -143,3 +143,30 @@ def test_gpus_unreadable_at_boot_are_not_advertised_and_ask_for_a_restart_when_b
             assert 0 == await run
 
     asyncio.run(scenario())
+
+
+def test_gpu_memory_limit_restarts_the_instance_as_a_failure(short_tmp: Path, redis_server: RedisServer) -> None:
+    """A per-GPU service with gpu_memory_limit_mib: when NVML attributes more GPU memory than that to its process
+    (the recorded host, with the real service's pid in GPU 2's process list), the instance is stopped and restarted
+    as a failure, with the reason."""
+    host = RecordedHost()
+    agent = gpu_agent(short_tmp, redis_server, host, "2", extra="gpu_memory_limit_mib = 8000\n")
+
+    async def scenario() -> dict[str, Any]:
+        run = asyncio.create_task(agent.run())
+        try:
+            await await_until(lambda: agent.phase()[0] is Phase.READY, 60, "ready")
+            (instance,) = agent.table.snapshot()
+            host.nvml.recording["gpus"][2]["processes"] = [{"pid": instance["pid"], "used_memory": 9000 * 2**20}]
+            restarted = await await_until(
+                lambda: (s := agent.table.snapshot()[0])["restarts"] >= 1 and s, 30, "a restart over the limit"
+            )
+            host.nvml.recording["gpus"][2]["processes"] = []
+            return restarted
+        finally:
+            agent.handle_exit(signal.SIGTERM)
+            assert 0 == await run
+
+    restarted = asyncio.run(scenario())
+
+    assert "GPU memory limit: 9000 MiB > 8000 MiB" == restarted["last_error"]
