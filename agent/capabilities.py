@@ -35,25 +35,13 @@ def caps_hash(static: Mapping[str, Any]) -> str:
     return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def healthy_uuids(report: GpuReport | None) -> set[str]:
-    """UUIDs of the GPUs jobs may be placed on now (MIG devices of a healthy GPU included)."""
-    if report is None:
-        return set()
-    found = set()
-    for gpu in report.gpus:
-        if gpu.healthy and gpu.uuid:
-            found.add(gpu.uuid)
-            found.update(m.uuid for m in gpu.mig_devices)
-    return found
-
-
 def offered(slot: Mapping[str, Any], report: GpuReport | None, gpu_required: bool = False) -> bool:
     """Whether a slot can be advertised. A GPU slot only while its GPU is healthy. A CPU slot unless the profile
     requires GPUs, or it is a per-GPU service that fell back to the CPU on a host whose NVIDIA driver is there
     but could not be read (it would be offered GPU work it cannot do)."""
     gpu = slot.get("gpu")
     if gpu is not None:
-        return gpu.get("uuid") in healthy_uuids(report)
+        return report is not None and gpu.get("uuid") in report.healthy_uuids
     if gpu_required:
         return False
     return not (slot.get("per_gpu") and report is not None and report.state is not GpuState.UNAVAILABLE)

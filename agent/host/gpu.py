@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
+from functools import cached_property
 from typing import Any, Protocol
 
 
@@ -192,6 +193,16 @@ class GpuReport:
             hidden=list(data.get("hidden", [])),
         )
 
+    @cached_property
+    def healthy_uuids(self) -> frozenset[str]:
+        """UUIDs of the GPUs jobs may be placed on now (the MIG devices of a healthy GPU included)."""
+        found: set[str] = set()
+        for gpu in self.gpus:
+            if gpu.healthy and gpu.uuid:
+                found.add(gpu.uuid)
+                found.update(m.uuid for m in gpu.mig_devices)
+        return frozenset(found)
+
     def static(self) -> dict[str, Any]:
         """The part of the report that belongs in the hashed capability record."""
         return {
@@ -228,13 +239,18 @@ def visible(report: GpuReport, cuda_visible_devices: str | None, select: list[st
         if gpu.index not in picked:
             continue
         migs = picked[gpu.index]
-        gpus.append(gpu if migs is None else replace(gpu, mig_devices=[m for m in gpu.mig_devices if m.uuid in migs]))
+        gpus.append(gpu if migs is None else _with_migs(gpu, migs))
     if gpus == report.gpus and not notes:
         return report
     hidden = [g.index for g in report.gpus if g.index not in picked]
     said = [f"{len(hidden)} GPU(s) not visible to this agent"] if hidden else []
     message = "; ".join(part for part in [report.message, *said, *notes] if part)
     return replace(report, gpus=gpus, hidden=hidden, message=message)
+
+
+def _with_migs(gpu: GpuInfo, keep: set[str]) -> GpuInfo:
+    """The GPU with only the MIG devices whose UUIDs are in `keep`."""
+    return replace(gpu, mig_devices=[m for m in gpu.mig_devices if m.uuid in keep])
 
 
 def _pick(
@@ -291,9 +307,8 @@ def follow(report: GpuReport, mine: GpuReport) -> GpuReport:
     gpus = []
     for gpu in report.gpus:
         if gpu.uuid in uuids:
-            kept = {m.uuid for m in uuids[gpu.uuid].mig_devices}
-            whole = not uuids[gpu.uuid].mig_enabled
-            gpus.append(gpu if whole else replace(gpu, mig_devices=[m for m in gpu.mig_devices if m.uuid in kept]))
+            taken = uuids[gpu.uuid]
+            gpus.append(_with_migs(gpu, {m.uuid for m in taken.mig_devices}) if taken.mig_enabled else gpu)
         elif gpu.uuid is None and gpu.index in unnamed:
             gpus.append(gpu)
     hidden = [g.index for g in report.gpus if not (g.uuid in uuids or (g.uuid is None and g.index in unnamed))]
@@ -307,13 +322,19 @@ def product_matches(name: str | None, pattern: str) -> bool:
 
 #: What a GPU is: a value that was known and now fails to read (a transient NVML error) keeps its last value, so
 #: one flaky call neither changes caps_hash nor forgets the GPU's identity.
-CARRIED = ("name", "architecture", "pci_bus_id", "memory_total_mib", "compute_capability", "power_limit_w")
+CARRIED = (
+    "name",
+    "architecture",
+    "pci_bus_id",
+    "memory_total_mib",
+    "compute_capability",
+    "power_limit_w",
+    "persistence_mode",
+)
 
 
 def _carry(old: GpuInfo, gpu: GpuInfo) -> GpuInfo:
     kept = {f: getattr(old, f) for f in CARRIED if getattr(gpu, f) is None and getattr(old, f) is not None}
-    if gpu.persistence_mode is None and old.persistence_mode is not None:
-        kept["persistence_mode"] = old.persistence_mode
     unread = [k for k, why in gpu.errors.items() if k.startswith("ecc.") and why != "not_supported"]
     if gpu.healthy and not old.healthy and old.health is not GpuHealth.LOST and unread:
         # a health counter that could not be read is no evidence the fault went away

@@ -16,6 +16,7 @@ from agent.host.gpu import Ecc, GpuHealth, GpuInfo, GpuProcess, GpuReport, GpuSt
 MIB = 1024 * 1024
 T = TypeVar("T")
 
+LOST_REASON = "NVML reports the GPU fallen off the bus"
 ARCHITECTURES = {
     2: "kepler",
     3: "maxwell",
@@ -130,7 +131,7 @@ def _read_one(nvml: Any, index: int) -> GpuInfo:
         uuid = _text(nvml.nvmlDeviceGetUUID(handle))
     except nvml.NVMLError as exc:
         name = error_name(nvml, exc)
-        reason = "NVML reports the GPU fallen off the bus" if name == "gpu_is_lost" else f"unreadable: {name}"
+        reason = LOST_REASON if name == "gpu_is_lost" else f"unreadable: {name}"
         return GpuInfo(index=index, uuid=None, health=GpuHealth.LOST, health_reasons=[reason], errors={"uuid": name})
     try:
         return _read_fields(nvml, index, handle, uuid, fields)
@@ -139,7 +140,7 @@ def _read_one(nvml: Any, index: int) -> GpuInfo:
             index=index,
             uuid=uuid,
             health=GpuHealth.LOST,
-            health_reasons=["NVML reports the GPU fallen off the bus"],
+            health_reasons=[LOST_REASON],
             errors={**fields.errors, "device": "gpu_is_lost"},
         )
 
