@@ -68,8 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"emp-agent {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    run = sub.add_parser("run", parents=[common], help="bootstrap this host and supervise it until SIGTERM")
-    run.add_argument("--profile", help="profile name or path (overrides EMP_AGENT_PROFILE)")
+    profile_opt = argparse.ArgumentParser(add_help=False)
+    profile_opt.add_argument("--profile", help="profile name or path (overrides EMP_AGENT_PROFILE)")
+    sub.add_parser("run", parents=[common, profile_opt], help="bootstrap this host and supervise it until SIGTERM")
     socket_opt = argparse.ArgumentParser(add_help=False)
     socket_opt.add_argument("--socket", type=Path, help="control socket (default: <runtime_dir>/agent.sock)")
     status = sub.add_parser("status", parents=[common, socket_opt], help="show the running agent's state")
@@ -102,24 +103,21 @@ def _parser() -> argparse.ArgumentParser:
     logs.add_argument("names", nargs=1, metavar="NAME", help="an instance, or a service with one instance")
     logs.add_argument("-n", "--lines", type=_count, default=20, help="last lines to print first (default 20)")
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new output, across rotations")
-    check = sub.add_parser("check", parents=[common], help="validate settings and profile; start nothing")
-    check.add_argument("--profile", help="profile name or path (overrides EMP_AGENT_PROFILE)")
-    pull = sub.add_parser(
+    sub.add_parser("check", parents=[common, profile_opt], help="validate settings and profile; start nothing")
+    sub.add_parser(
         "pull",
-        parents=[common],
+        parents=[common, profile_opt],
         help="download and verify the profile's models, then exit (image bakes; safe beside a running agent)",
     )
-    pull.add_argument("--profile", help="profile name or path (overrides EMP_AGENT_PROFILE)")
     bootstrap = sub.add_parser(
         "bootstrap",
-        parents=[common],
+        parents=[common, profile_opt],
         help="run the first bootstrap stages alone, for image bakes (no registration, no services)",
         description="Runs detect, pull_models and prepare up to --until, then exits: what a golden image bakes "
         "in. Nothing is registered, no service is left running, no machine id is kept. Refuses to run beside an "
         "agent using the same state dir.",
     )
     bootstrap.add_argument("--until", required=True, choices=["detect", "pull_models", "prepare"])
-    bootstrap.add_argument("--profile", help="profile name or path (overrides EMP_AGENT_PROFILE)")
     detect = sub.add_parser("detect", parents=[common], help="print the host's fingerprint: host facts and GPUs")
     detect.add_argument("--json", action="store_true", help="print the JSON document instead of the table")
     detect.add_argument("--profile", help="apply this profile's [gpu] select (overrides EMP_AGENT_PROFILE)")
@@ -446,8 +444,10 @@ def _fleet(args: argparse.Namespace) -> int:
     from agent.statusview import render_fleet
 
     settings, _ = _load(args, need_profile=False)
-    url = settings.redis_url.get_secret_value() if settings.redis_url else f"unix://{settings.registry_socket}"
-    shown = settings.redis_url_redacted or f"unix://{settings.registry_socket} (this host's embedded registry)"
+    from agent.registry.embedded import url_of
+
+    url = settings.redis_url.get_secret_value() if settings.redis_url else url_of(settings.registry_socket)
+    shown = settings.redis_url_redacted or f"{url} (this host's embedded registry)"
     print(f"registry: {shown}", file=sys.stderr)
     need = Requirement(args.service, args.min_gpu_memory_mib, tuple(args.model))
     machines = asyncio.run(read_fleet(url, settings.redis_tls, need))

@@ -37,7 +37,7 @@ from agent.registry.client import RedisRegistry
 from agent.registry.compat import compat_message
 from agent.registry.heartbeat import Heartbeat
 from agent.settings import Settings
-from agent.supervisor.instances import InstanceSpec, Paths, expand, spec_hash
+from agent.supervisor.instances import InstanceSpec, Paths, expand, gpu_units, spec_hash
 from agent.supervisor.ledger import ProcessLedger
 from agent.supervisor.service import iso_now
 from agent.supervisor.table import ProcessTable
@@ -112,7 +112,7 @@ class Agent:
 
     async def run(self) -> int:
         """Startup, main loop until a signal, ordered shutdown."""
-        self._make_dirs()
+        self.settings.make_dirs("state_dir", "runtime_dir", "log_dir", "model_root")
         locks = self._lock_dirs()
         try:
             return await self._run_locked()
@@ -349,8 +349,8 @@ class Agent:
         used = {spec.gpu.uuid for n in self.table.names() if (spec := self.table.get(n).spec).gpu}
         missing = {}
         for gpu in report.gpus:
-            units = [m.uuid for m in gpu.mig_devices] if gpu.mig_enabled and gpu.mig_devices else [gpu.uuid]
-            if gpu.healthy and gpu.uuid and not any(u in used for u in units):
+            units = [unit.uuid for unit in gpu_units([gpu])]  # the GPU, or its MIG devices: what slots go on
+            if gpu.healthy and units and not any(u in used for u in units):
                 missing[f"gpu {gpu.index}"] = (
                     "healthy but no service runs on it (it was not usable when the services started): "
                     "restart the agent to use it"
@@ -409,18 +409,6 @@ class Agent:
         forced = self._force.is_set()
         log.info("stopped", forced=forced)
         return EXIT_FORCED if forced else EXIT_OK
-
-    def _make_dirs(self) -> None:
-        problems = []
-        for field in ("state_dir", "runtime_dir", "log_dir", "model_root"):
-            path = getattr(self.settings, field)
-            try:
-                path.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                variable = f"EMP_AGENT_{field.upper()}"
-                problems.append(Problem("settings", variable, f"cannot create {path}: {exc.strerror}"))
-        if problems:
-            raise ConfigError(problems)
 
     async def _registry_url_or_embedded(self) -> str:
         if self.settings.redis_url is not None:

@@ -235,6 +235,21 @@ class Settings(BaseSettings):
         """Unix socket of the embedded registry server (used when no redis_url is set)."""
         return self.state_dir.absolute() / "registry" / "redis.sock"
 
+    def make_dirs(self, *fields: str) -> None:
+        """Create these directory settings (state_dir, runtime_dir, log_dir, model_root); raises ConfigError naming
+        each variable whose directory cannot be made."""
+        problems = []
+        for field in fields:
+            path = getattr(self, field)
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                problems.append(
+                    Problem("settings", ENV_PREFIX + field.upper(), f"cannot create {path}: {exc.strerror}")
+                )
+        if problems:
+            raise ConfigError(problems)
+
     def http_token(self) -> str | None:
         """The TCP control token, read now; raises ConfigError naming the file when it is unusable."""
         if self.http_token_file is None:

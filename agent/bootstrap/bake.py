@@ -44,8 +44,7 @@ async def bake(settings: Settings, profile: Profile, until: str, environ: Mappin
     it refuses to run beside an agent on the same state."""
     if until not in BAKE_STAGES:
         raise AgentError(f"--until must be one of {', '.join(BAKE_STAGES)}")
-    for directory in (settings.state_dir, settings.log_dir, settings.model_root):
-        directory.mkdir(parents=True, exist_ok=True)
+    settings.make_dirs("state_dir", "log_dir", "model_root")
     lock = DirectoryLock(settings.state_dir)
     lock.acquire()
     puller, transport = open_puller(settings, environ)

@@ -50,4 +50,9 @@ def server_spec(sock: Path) -> tuple[ServiceSpec, str]:
         restart=RestartSpec(backoff_initial_s=0.5, backoff_max_s=10),
         stop_timeout_s=10,
     )
-    return spec, f"unix://{sock}"
+    return spec, url_of(sock)
+
+
+def url_of(sock: Path) -> str:
+    """The URL of the embedded server listening on `sock`."""
+    return f"unix://{sock}"
