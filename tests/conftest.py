@@ -8,6 +8,7 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
@@ -104,3 +105,18 @@ def redis_server(short_tmp: Path) -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
+
+
+def agent_settings(root: Path, redis_url: str, machine_id: str, **overrides: Any) -> Any:
+    """Settings for an agent run in the test's own process: every directory under `root`, Redis at `redis_url`."""
+    from agent.settings import Settings
+
+    return Settings(
+        machine_id=machine_id,
+        state_dir=root / "state",
+        runtime_dir=root / "run",
+        log_dir=root / "log",
+        model_root=root / "models",
+        redis_url=redis_url,
+        **overrides,
+    )

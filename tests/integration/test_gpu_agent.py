@@ -19,9 +19,8 @@ from agent.host.nvml import read_gpus
 from agent.machine import Phase
 from agent.profile import load_profile
 from agent.registry import keys
-from agent.settings import Settings
 from agent.testing import FakeNvml
-from tests.conftest import FIXTURES, REPO, RedisServer
+from tests.conftest import FIXTURES, REPO, RedisServer, agent_settings
 from tests.helpers import await_until
 
 
@@ -48,15 +47,8 @@ def gpu_agent(short_tmp: Path, redis_server: RedisServer, host: RecordedHost, vi
         'per_gpu = true\nport = 18600\ncapabilities = ["comfyui"]\nstop_timeout_s = 5\n'
         f'{extra}[services.worker.readiness]\nkind = "http"\n'
     )
-    settings = Settings(
-        machine_id="m-gpu",
-        state_dir=short_tmp / "state",
-        runtime_dir=short_tmp / "run",
-        log_dir=short_tmp / "log",
-        model_root=short_tmp / "models",
-        redis_url=redis_server.url,
-        heartbeat_interval_s=0.3,
-        gpu_reprobe_interval_s=0.2,
+    settings = agent_settings(
+        short_tmp, redis_server.url, "m-gpu", heartbeat_interval_s=0.3, gpu_reprobe_interval_s=0.2
     )
     environ = {"PATH": os.environ["PATH"], "CUDA_VISIBLE_DEVICES": visible}
     return Agent(settings, load_profile(str(profile_path), short_tmp), gpu_probe=host, environ=environ)

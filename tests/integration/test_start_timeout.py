@@ -16,8 +16,7 @@ import agent.daemon as daemon
 from agent.bootstrap.context import BootstrapContext
 from agent.daemon import Agent
 from agent.profile import Profile
-from agent.settings import Settings
-from tests.conftest import RedisServer
+from tests.conftest import RedisServer, agent_settings
 from tests.helpers import await_until
 
 
@@ -61,14 +60,7 @@ def test_start_timeout_is_extended_on_progress_and_not_on_a_stall(
     def extends() -> int:
         return sum(line.startswith("EXTEND_TIMEOUT_USEC=") for line in drain())
 
-    settings = Settings(
-        machine_id="m-extend",
-        state_dir=short_tmp / "state",
-        runtime_dir=short_tmp / "run",
-        log_dir=short_tmp / "log",
-        model_root=short_tmp / "models",
-        redis_url=redis_server.url,
-    )
+    settings = agent_settings(short_tmp, redis_server.url, "m-extend")
     gate = asyncio.Event()
     stages = [Step("one"), Step("two"), Step("stuck", gate), Step("last")]
     environ = {"PATH": os.environ["PATH"], "NOTIFY_SOCKET": f"@{name}"}
