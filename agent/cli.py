@@ -467,11 +467,13 @@ def _run(args: argparse.Namespace) -> int:
     import asyncio
 
     from agent.daemon import Agent
+    from agent.host.launcher import watch_children_by_pidfd
     from agent.logconfig import configure_logging
 
     settings, profile = _load(args, need_profile=True)
     assert profile is not None  # _load raised otherwise
     configure_logging(settings.log_level, settings.log_format.value, _masker(settings, profile))
+    watch_children_by_pidfd()
     return asyncio.run(Agent(settings, profile).run())
 
 

@@ -81,6 +81,18 @@ class Launcher(Protocol):
     async def spawn(self, argv: Sequence[str], env: Mapping[str, str], cwd: str | None, log: LogPipe) -> Child: ...
 
 
+def watch_children_by_pidfd() -> None:
+    """Make asyncio see child exits through pidfds in the event loop instead of one waiting thread per child
+    (Python 3.11's default): no thread per service or log writer. Python 3.12 does this by itself."""
+    if sys.version_info >= (3, 12) or not hasattr(os, "pidfd_open"):
+        return
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except OSError:  # kernel older than 5.3, or seccomp forbids it: keep the threaded watcher
+        return
+    asyncio.set_child_watcher(asyncio.PidfdChildWatcher())
+
+
 class _Tree:
     """The processes of one instance: a session leader, its group, its descendants and tagged escapees."""
 

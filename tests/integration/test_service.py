@@ -6,7 +6,9 @@ import asyncio
 import os
 import signal
 import socket
+import subprocess
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ from agent.profile import ProbeKind, Profile, ReadinessSpec, RestartPolicy, Rest
 from agent.supervisor.instances import Paths, expand
 from agent.supervisor.states import ServiceState
 from agent.supervisor.table import ProcessTable
+from tests.conftest import REPO
 from tests.helpers import await_until
 
 PROGRAMS = Path(__file__).resolve().parent.parent / "programs"
@@ -578,3 +581,45 @@ def test_case_non_executable_file_is_a_spawn_error(tmp_path: Path) -> None:
     snap = asyncio.run(scenario())
 
     assert (f"permission denied executing '{script}'", None) == (snap["last_error"], snap["pid"])
+
+
+def test_children_are_watched_through_pidfds_without_a_thread_each(tmp_path: Path) -> None:
+    """With the agent's child watcher, five running instances (and their log writers) add no waiting thread, and
+    a SIGKILLed one is still seen exiting and restarted."""
+    script = tmp_path / "table.py"
+    script.write_text(
+        textwrap.dedent(f"""
+        import asyncio, os, signal, sys, threading
+        from pathlib import Path
+        sys.path.insert(0, {str(REPO)!r})
+        from agent.host.launcher import ProcessLauncher, watch_children_by_pidfd
+        from agent.profile import Profile, ReadinessSpec, RestartSpec, ServiceSpec
+        from agent.supervisor.instances import Paths, expand
+        from agent.supervisor.table import ProcessTable
+
+        async def main():
+            tmp = Path({str(tmp_path)!r})
+            spec = ServiceSpec(command=["sleep", "300"], instances=5, readiness=ReadinessSpec(kind="none"),
+                               restart=RestartSpec(backoff_initial_s=0.05, jitter=0.0))
+            table = ProcessTable(ProcessLauncher())
+            for s in expand(Profile(name="t", source="t", services={{"idle": spec}}), [], Paths(tmp, tmp, tmp / "logs"), "m", {{}}):
+                table.add(s)
+            await table.start_all()
+            running = lambda: [i for i in table.snapshot() if i["state"] == "RUNNING" and i["pid"]]
+            while len(running()) < 5:
+                await asyncio.sleep(0.02)
+            threads = threading.active_count()
+            victim = running()[0]
+            os.kill(victim["pid"], signal.SIGKILL)
+            while not any(i["name"] == victim["name"] and i["restarts"] == 1 and i["state"] == "RUNNING" for i in table.snapshot()):
+                await asyncio.sleep(0.02)
+            await table.stop_all()
+            (tmp / "threads").write_text(str(threads))
+
+        watch_children_by_pidfd()
+        asyncio.run(asyncio.wait_for(main(), 60))
+        """)
+    )
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=90)
+    assert 0 == result.returncode, result.stderr
+    assert "1" == (tmp_path / "threads").read_text()
