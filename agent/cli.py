@@ -2,7 +2,7 @@
 
 Exit codes: 0 ok, 1 failed, 2 usage or configuration error, 3 agent not running, 4 partial (`status`: the
 agent answers but the machine is not ready: bootstrapping, degraded or stopping).
-Heavy modules (pydantic, redis, aiohttp, pynvml) are imported only by the commands that need them, so
+Heavy modules (pydantic, redis, pynvml, the HTTP stack) are imported only by the commands that need them, so
 `emp-agent status` stays fast.
 """
 

@@ -121,6 +121,13 @@ class ReadinessSpec(_Frozen):
     )
     liveness_failures: StrictInt = Field(default=3, ge=1, description="Failed liveness probes in a row = hung.")
 
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and urlsplit(value).scheme not in ("http", "https"):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
     @model_validator(mode="after")
     def _fields_for_kind(self) -> ReadinessSpec:
         if self.kind is ProbeKind.UNIX and not self.socket:

@@ -9,8 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-
+from agent.host.httpget import get_status
 from agent.profile import ProbeKind
 
 ATTEMPT_TIMEOUT_S = 2.0
@@ -50,7 +49,7 @@ async def attempt(
             if probe.kind is ProbeKind.LOG and probe.pattern and log is not None:
                 return await asyncio.to_thread(_log_matches, log, log_offset, probe.pattern)
             return await _attempt(probe, env)
-    except (TimeoutError, OSError, httpx.HTTPError):
+    except (TimeoutError, OSError, ValueError):
         return False
 
 
@@ -68,9 +67,7 @@ def _log_matches(log: Path, offset: int, pattern: str) -> bool:
 
 async def _attempt(probe: Probe, env: Mapping[str, str] | None) -> bool:
     if probe.kind is ProbeKind.HTTP and probe.url:
-        async with httpx.AsyncClient(timeout=ATTEMPT_TIMEOUT_S, trust_env=False) as client:
-            response = await client.get(probe.url)
-            return response.status_code in probe.expect_status
+        return await get_status(probe.url) in probe.expect_status
     if probe.kind is ProbeKind.TCP and probe.port:
         _, writer = await asyncio.open_connection(probe.host, probe.port)
         await _close(writer)

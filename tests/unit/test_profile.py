@@ -113,6 +113,10 @@ def test_dependency_problems_are_reported_with_field_errors(tmp_path: Path) -> N
         ('command = ["x"]\ndepends_on = ["ghost"]', "no service named 'ghost'"),
         ('command = ["x"]\nstop_signal = "SIGNOPE"', "unknown signal"),
         ("command = []", "at least 1 item"),
+        (
+            'command = ["x"]\nreadiness = { kind = "http", url = "ftp://h/x" }',
+            "readiness.url: must be an http:// or https:// URL",
+        ),
     ],
 )
 def test_service_mistakes_are_caught(tmp_path: Path, service: str, message: str) -> None:
