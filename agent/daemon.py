@@ -21,7 +21,6 @@ from agent.bootstrap.stages import default_stages
 from agent.capabilities import caps_hash, dynamic_record, offered, static_record
 from agent.errors import AgentError, ConfigError, Problem, RegistryError
 from agent.gpuwatch import GpuWatch
-from agent.host.download import HttpTransport
 from agent.host.facts import read_host_readings
 from agent.host.gpu import GpuProbe, GpuReport
 from agent.host.launcher import Launcher, ProcessLauncher
@@ -31,7 +30,7 @@ from agent.host.nvml import NvmlProbe
 from agent.identity import boot_id, instance_id, machine_id
 from agent.machine import Phase, compute_phase
 from agent.profile import Profile, load_profile
-from agent.pull.puller import ModelPuller, open_puller
+from agent.pull.worker import PullWorker
 from agent.registry import embedded
 from agent.registry.client import RedisRegistry
 from agent.registry.compat import compat_message
@@ -152,13 +151,13 @@ class Agent:
             socket=str(self.settings.control_socket),
         )
 
-        def from_pull(event: dict[str, Any]) -> None:  # the pull's threads hand their events to the loop
-            loop.call_soon_threadsafe(self._on_event, event)
-
-        def live_from_pull(event: dict[str, Any]) -> None:
-            loop.call_soon_threadsafe(self._publish_live, event)
-
-        puller, transport = open_puller(self.settings, self._environ, sink=from_pull, live=live_from_pull)
+        puller = PullWorker(
+            self.settings,
+            self._environ,
+            sink=self._on_event,
+            live=self._publish_live,
+            context={"machine_id": self.machine_id},
+        )
         self._notifier.notify(STATUS="starting")
         watchdog = asyncio.create_task(self._watchdog(), name="watchdog")
         extend = asyncio.create_task(self._keep_start_alive(), name="extend-start")
@@ -169,7 +168,7 @@ class Agent:
             await self._shutdown.wait()
         finally:
             self._notifier.notify(STOPPING="1", STATUS="stopping")
-            code = await self._teardown(startup, api, transport)
+            code = await self._teardown(startup, api)
             watchdog.cancel()
             extend.cancel()
             sampler.cancel()
@@ -260,7 +259,7 @@ class Agent:
             raise
         return held
 
-    async def _startup(self, puller: ModelPuller) -> None:
+    async def _startup(self, puller: PullWorker) -> None:
         """Registry, then the bootstrap pipeline; cancelled as a whole when shutdown is requested."""
         try:
             url = await self._registry_url_or_embedded()
@@ -385,7 +384,7 @@ class Agent:
                 }
             )
 
-    async def _teardown(self, startup: asyncio.Task[None], api: ControlApi, transport: HttpTransport) -> int:
+    async def _teardown(self, startup: asyncio.Task[None], api: ControlApi) -> int:
         self._stopping = True
         log.info("stopping", phase=Phase.STOPPING.value)
         if not startup.done():
@@ -404,7 +403,6 @@ class Agent:
         finally:
             await self.table.stop_all()
             await self._sweep_unclaimed()
-            transport.close()
             await api.stop()
         forced = self._force.is_set()
         log.info("stopped", forced=forced)

