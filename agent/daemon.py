@@ -51,7 +51,7 @@ LAST_BEAT_TIMEOUT_S = 2.0
 EXTEND_START_S = 120.0
 EXTEND_EVERY_S = 20.0
 #: How often the status table's CPU and MEM columns are sampled.
-USAGE_EVERY_S = 5.0
+USAGE_EVERY_S = 10.0
 
 
 class Agent:

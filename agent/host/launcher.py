@@ -64,8 +64,9 @@ class Child(Protocol):
         """Resident memory of every live process of the instance, in MiB."""
         ...
 
-    def usage(self) -> tuple[int, float]:
-        """(RSS bytes, CPU seconds) summed over every live process of the instance."""
+    def usage(self, sampling: bool = False) -> tuple[int, float]:
+        """(RSS bytes, CPU seconds) summed over every live process of the instance. `sampling` (the periodic
+        status sample) reads only the instance's own tree instead of walking all of /proc."""
         ...
 
     def pids(self) -> set[int]:
@@ -131,6 +132,23 @@ class _Tree:
             with contextlib.suppress(psutil.Error):
                 proc.kill()  # psutil checks the create time, so a recycled pid is never hit
 
+    def _tree_members(self) -> list[psutil.Process]:
+        """The instance's main process, its descendants (through the kernel's children lists) and the processes
+        seen before that still live: no walk of all of /proc and no environment read, for usage sampling. A
+        stop still uses `members`, which also finds tagged escapees. Falls back to `members` on a kernel without
+        children lists."""
+        pids = descendants(self.pid)
+        if pids is None:
+            return self.members()
+        for pid in pids:
+            if pid not in self._known:
+                with contextlib.suppress(psutil.Error):
+                    self._known[pid] = psutil.Process(pid)
+        for pid, process in list(self._known.items()):
+            if pid not in pids and not _alive(process):
+                del self._known[pid]  # an instance that keeps spawning short-lived helpers must not grow this
+        return list(self._known.values())
+
     def group_alive(self) -> bool:
         return bool(self.members())
 
@@ -149,9 +167,9 @@ class _Tree:
     def pids(self) -> set[int]:
         return {proc.pid for proc in self.members()}
 
-    def usage(self) -> tuple[int, float]:
+    def usage(self, sampling: bool = False) -> tuple[int, float]:
         rss, cpu = 0, 0.0
-        for proc in self.members():
+        for proc in self._tree_members() if sampling else self.members():
             with contextlib.suppress(psutil.Error), proc.oneshot():
                 rss += proc.memory_info().rss
                 times = proc.cpu_times()
@@ -197,6 +215,34 @@ class AdoptedChild(_Tree):
             loop.remove_reader(pidfd)
             os.close(pidfd)
         return UNKNOWN_EXIT
+
+
+def descendants(root: int, proc: str = "/proc") -> set[int] | None:
+    """`root` and its descendants, read from the kernel's per-thread children lists: only the tree's own /proc
+    entries are read, however many processes the host runs. None where the kernel keeps no children lists
+    (CONFIG_PROC_CHILDREN unset); the caller then walks all of /proc."""
+    found: set[int] = set()
+    todo = [root]
+    while todo:
+        pid = todo.pop()
+        if pid in found:
+            continue
+        tasks = f"{proc}/{pid}/task"
+        try:
+            threads = os.listdir(tasks)
+        except OSError:
+            continue  # gone
+        found.add(pid)
+        for tid in threads:
+            try:
+                with open(f"{tasks}/{tid}/children", "rb") as handle:
+                    todo.extend(int(child) for child in handle.read().split())
+            except FileNotFoundError:
+                if os.path.isdir(f"{tasks}/{tid}"):
+                    return None  # the thread is there and its children list is not: unsupported
+            except OSError:
+                continue
+    return found
 
 
 def members_of(

@@ -214,7 +214,7 @@ class ProcessTable:
         for name, service in list(self._services.items()):
             child = service.child
             if child is not None:
-                found[name] = child.usage()
+                found[name] = child.usage(sampling=True)
         return found
 
     def snapshot(self) -> list[dict[str, Any]]:
