@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -329,3 +330,45 @@ def test_an_unusable_token_file_is_a_configuration_error(tmp_path: Path) -> None
             Settings(http_token_file=path).http_token()
         assert f"{path}: http_token_file: " in str(caught.value.problems[0])
         assert words in str(caught.value.problems[0])
+
+
+@pytest.mark.parametrize(
+    ("answer", "words"),
+    [
+        (b"SSH-2.0-OpenSSH_9.2\r\n", "nothing usable answers"),
+        (b'HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n{"phase":', "cut short (9 of 50 bytes)"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{}\r\n", "no Content-Length"),
+        (None, "did not answer within 0.5s"),
+    ],
+    ids=["not-http", "truncated", "chunked", "silent"],
+)
+def test_the_cli_client_names_what_was_wrong_with_the_answer(short_tmp: Path, answer: bytes | None, words: str) -> None:
+    """Whatever sits on the socket instead of an agent, the client ends with one clear error, never a hang or
+    a traceback."""
+    import socket
+    import threading
+
+    sock = short_tmp / "agent.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(sock))
+    listener.listen()
+    release = threading.Event()
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            if answer is not None:
+                conn.sendall(answer)
+            else:
+                release.wait(10)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(AgentError, match=re.escape(words)):
+            request_json(sock, "GET", "/status", timeout=0.5)
+    finally:
+        release.set()
+        thread.join(10)
+        listener.close()
