@@ -13,10 +13,11 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from agent import __version__
 from agent.errors import AgentError, AgentNotRunning, ConfigError
+
+TYPE_CHECKING = False  # typing costs `emp-agent status` 5 ms of imports; mypy reads this name as usual
 
 if TYPE_CHECKING:
     from agent.profile import Profile

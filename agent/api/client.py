@@ -8,9 +8,12 @@ import os
 import socket
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from agent.errors import AgentError, AgentNotRunning
+
+TYPE_CHECKING = False  # typing costs `emp-agent status` 5 ms of imports; mypy reads this name as usual
+if TYPE_CHECKING:
+    from typing import Any
 
 DEFAULT_RUNTIME_DIR = "/run/emp-agent"
 DEFAULT_CONFIG = "/etc/emp-agent/agent.toml"
