@@ -114,8 +114,7 @@ def run_aria2(url: str, out: Path, digest: str, size: int) -> float:
 def run_agent(url: str, out: Path, digest: str, size: int) -> float:
     profile = out.parent / "bench.toml"
     profile.write_text(
-        f'[models.big]\nurl = "{url}"\ndest = "checkpoints/big.bin"\n'
-        f'sha256 = "{digest}"\nsize = {size}\n'
+        f'[models.big]\nurl = "{url}"\ndest = "checkpoints/big.bin"\nsha256 = "{digest}"\nsize = {size}\n'
     )
     env = {
         "PATH": os.environ["PATH"],
@@ -153,13 +152,19 @@ def main() -> int:
     (www / "big.bin").chmod(0o644)
     fast, shaped = free_port(), free_port()
     nginx = start_nginx(work, www, fast, shaped, args.rate)
-    scenarios = {"unlimited": f"http://127.0.0.1:{fast}/big.bin", f"{args.rate}/connection": f"http://127.0.0.1:{shaped}/big.bin"}
+    scenarios = {
+        "unlimited": f"http://127.0.0.1:{fast}/big.bin",
+        f"{args.rate}/connection": f"http://127.0.0.1:{shaped}/big.bin",
+    }
     tools_for = {"unlimited": list(TOOLS), f"{args.rate}/connection": ["aria2c -x8", "emp-agent pull"]}
     results: dict[str, dict[str, list[float]]] = {s: {t: [] for t in tools_for[s]} for s in scenarios}
     try:
         for round_no in range(args.rounds):
             for scenario, url in scenarios.items():
-                order = tools_for[scenario][round_no % len(tools_for[scenario]) :] + tools_for[scenario][: round_no % len(tools_for[scenario])]
+                order = (
+                    tools_for[scenario][round_no % len(tools_for[scenario]) :]
+                    + tools_for[scenario][: round_no % len(tools_for[scenario])]
+                )
                 for tool in order:
                     target = work / "out"
                     shutil.rmtree(target, ignore_errors=True)

@@ -50,8 +50,14 @@ def record_fields(machine_id: str) -> tuple[dict[str, str], dict[str, str]]:
     report = read_gpus(FakeNvml.from_file(REPO / "tests" / "fixtures" / "nvml" / "h100x8.json"))
     host = read_host_facts(Path("/"))
     slots = [
-        {"name": f"comfyui-{g.index}", "service": "comfyui", "capabilities": ["comfyui"], "port": 8188 + g.index,
-         "gpu": {"index": g.index, "uuid": g.uuid}, "per_gpu": True}
+        {
+            "name": f"comfyui-{g.index}",
+            "service": "comfyui",
+            "capabilities": ["comfyui"],
+            "port": 8188 + g.index,
+            "gpu": {"index": g.index, "uuid": g.uuid},
+            "per_gpu": True,
+        }
         for g in report.gpus
     ]
     caps = static_record(agent_version="0.1.0", profile="comfyui", host=host, gpus=report, slots=slots, models=[])
@@ -62,8 +68,12 @@ def record_fields(machine_id: str) -> tuple[dict[str, str], dict[str, str]]:
         "services_ready": '["comfyui"]',
         "interval_ms": "10000",
     }
-    full = {"machine_id": machine_id, "capabilities": json.dumps(caps, sort_keys=True), "caps_hash": caps_hash(caps),
-            **small}
+    full = {
+        "machine_id": machine_id,
+        "capabilities": json.dumps(caps, sort_keys=True),
+        "caps_hash": caps_hash(caps),
+        **small,
+    }
     return full, small
 
 
@@ -76,16 +86,36 @@ def populate(client: redis.Redis, machines: int) -> None:
         for n in range(start, min(start + batch, machines)):
             mid = f"m{n:012d}"
             fields = json.dumps({**full, "machine_id": mid})
-            pipe.fcall("emp_v1_register", 3, keys.machine_key(mid), keys.epoch_key(mid), keys.events_key(mid),
-                       fields, 30000, STREAM_MAXLEN, STREAM_TTL_MS)
+            pipe.fcall(
+                "emp_v1_register",
+                3,
+                keys.machine_key(mid),
+                keys.epoch_key(mid),
+                keys.events_key(mid),
+                fields,
+                30000,
+                STREAM_MAXLEN,
+                STREAM_TTL_MS,
+            )
             pipe.fcall("emp_v1_index", 1, keys.FLEET_INDEX, mid, "seen")
         pipe.execute()
 
 
 def bench(port: int, command: list[str], requests: int, clients: int, keyspace: int) -> dict[str, float]:
     """redis-benchmark on one command with __rand_int__ machine ids; its CSV summary."""
-    argv = ["redis-benchmark", "-p", str(port), "-n", str(requests), "-c", str(clients), "-r", str(keyspace),
-            "--csv", *command]
+    argv = [
+        "redis-benchmark",
+        "-p",
+        str(port),
+        "-n",
+        str(requests),
+        "-c",
+        str(clients),
+        "-r",
+        str(keyspace),
+        "--csv",
+        *command,
+    ]
     out = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=600).stdout
     # the test-name column echoes the command (with its JSON) unescaped: read the seven numbers at the line's end
     numbers = [float(n) for n in re.findall(r'"([0-9.]+)"', out.strip().splitlines()[-1])[-7:]]
@@ -103,13 +133,22 @@ def scenarios(small: dict[str, str]) -> dict[str, list[str]]:
     machine = "emp:machine:{m__rand_int__}"
     return {
         "emp-agent FCALL heartbeat (fenced, TIME, TTL)": [
-            "FCALL", "emp_v1_heartbeat", "2", machine, machine + ":events", "1", json.dumps(small), "30000",
+            "FCALL",
+            "emp_v1_heartbeat",
+            "2",
+            machine,
+            machine + ":events",
+            "1",
+            json.dumps(small),
+            "30000",
             str(STREAM_MAXLEN),
         ],
         "emp-agent FCALL fleet index": ["FCALL", "emp_v1_index", "1", keys.FLEET_INDEX, "m__rand_int__", "seen"],
         "plain SET key EX 30 (Sidekiq/Celery-like liveness key)": ["SET", "hb:m__rand_int__", "1", "EX", "30"],
         "plain HSET of the same fields (no TTL, no fence)": [
-            "HSET", machine, *[part for name, value in small.items() for part in (name, value)]
+            "HSET",
+            machine,
+            *[part for name, value in small.items() for part in (name, value)],
         ],
     }
 
@@ -118,9 +157,21 @@ def run(machines: int, requests: int, clients: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="emp-bench-") as tmp:
         port = free_port()
         server = subprocess.Popen(
-            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", tmp],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                "redis-server",
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                tmp,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         try:
             client = redis.Redis(port=port)
@@ -139,16 +190,23 @@ def run(machines: int, requests: int, clients: int) -> dict[str, Any]:
             populated_s = time.monotonic() - started
             memory = int(client.info("memory")["used_memory"])
             _full, small = record_fields("m")
-            results: dict[str, Any] = {"machines": machines, "populate_s": round(populated_s, 1),
-                                       "used_memory_mb": round(memory / 1e6, 1), "scenarios": {}}
+            results: dict[str, Any] = {
+                "machines": machines,
+                "populate_s": round(populated_s, 1),
+                "used_memory_mb": round(memory / 1e6, 1),
+                "scenarios": {},
+            }
             for name, command in scenarios(small).items():
                 before = cpu_seconds(client)
                 summary = bench(port, command, requests, clients, machines)
                 spent = cpu_seconds(client) - before
                 summary["redis_cpu_s_per_10k"] = round(spent / requests * 10000, 3)
                 results["scenarios"][name] = summary
-                print(f"{machines:>7} {name:<58} {summary['rps']:>9.0f}/s  p50 {summary['p50_ms']:.3f} ms  "
-                      f"p99 {summary['p99_ms']:.3f} ms  cpu {summary['redis_cpu_s_per_10k']:.3f} s/10k", flush=True)
+                print(
+                    f"{machines:>7} {name:<58} {summary['rps']:>9.0f}/s  p50 {summary['p50_ms']:.3f} ms  "
+                    f"p99 {summary['p99_ms']:.3f} ms  cpu {summary['redis_cpu_s_per_10k']:.3f} s/10k",
+                    flush=True,
+                )
             return results
         finally:
             server.terminate()

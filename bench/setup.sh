@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs the peers the benchmarks compare against.
-#   bash bench/setup.sh          supervisor (PyPI) and PM2 (npm) into bench/.tools, for bench/supervisors.py
+#   bash bench/setup.sh          supervisor (PyPI) and PM2 (npm) into bench/.tools, and emp-agent as a host
+#                                installs it (no test extras, not editable) into bench/.tools/agent, for
+#                                bench/supervisors.py
 #   bash bench/setup.sh --pull   nginx-light, curl and aria2 from the Debian archive (root), for bench/pull.py
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -18,5 +20,8 @@ fi
 mkdir -p .tools
 [ -x .tools/venv/bin/supervisord ] || { python3 -m venv .tools/venv && .tools/venv/bin/pip install -q supervisor; }
 [ -x .tools/pm2/node_modules/.bin/pm2 ] || { mkdir -p .tools/pm2 && (cd .tools/pm2 && npm init -y >/dev/null && npm install --silent pm2); }
+# Rebuilt every time: the benchmark measures the working tree as it is now.
+rm -rf .tools/agent && python3 -m venv .tools/agent && .tools/agent/bin/pip install -q ..
+.tools/agent/bin/emp-agent version
 .tools/venv/bin/supervisord --version
 .tools/pm2/node_modules/.bin/pm2 --version --no-daemon 2>/dev/null | tail -1 || true

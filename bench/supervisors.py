@@ -3,8 +3,8 @@
 Measures, per supervisor: daemon RSS, idle CPU, status CLI wall time, and restart latency after SIGKILL of a
 child (until a new process with the same tag has exec'd). Prints a Markdown table and writes JSON.
 
-    bash bench/setup.sh                      # supervisor and PM2 into bench/.tools
-    .venv/bin/python bench/supervisors.py --children 10 --kills 15 --status-reps 15 --out bench/results.json
+    bash bench/setup.sh                      # supervisor, PM2 and emp-agent (as a host installs it) into bench/.tools
+    bench/.tools/agent/bin/python bench/supervisors.py --children 10 --kills 10 --status-reps 15 --out bench/results.json
 
 Everything runs in a fresh temporary directory on unix sockets; every process started is stopped by pid.
 """
@@ -226,8 +226,11 @@ def measure(sup: Supervisor, args: argparse.Namespace) -> dict[str, Any]:
             )
             latencies.append((time.perf_counter() - killed) * 1000)
             time.sleep(args.between_kills)
+        time.sleep(args.settle)
+        rss_end_mb = daemon.memory_info().rss / 1e6  # after the status calls and the restarts
         return {
             "rss_mb": round(rss_mb, 1),
+            "rss_mb_end": round(rss_end_mb, 1),
             "idle_cpu_ms_per_s": round(idle_ms_per_s, 2),
             "status_ms_median": round(statistics.median(status_ms), 1),
             "status_ms_p90": round(sorted(status_ms)[int(0.9 * (len(status_ms) - 1))], 1),
@@ -249,7 +252,7 @@ def main() -> int:
     )
     parser.add_argument("--status-reps", type=int, default=15)
     parser.add_argument("--settle", type=float, default=3.0)
-    parser.add_argument("--idle-window", type=float, default=10.0)
+    parser.add_argument("--idle-window", type=float, default=60.0)
     parser.add_argument("--between-kills", type=float, default=0.3)
     parser.add_argument("--only", default="emp-agent,supervisord,pm2")
     parser.add_argument("--out", type=Path)
@@ -267,6 +270,7 @@ def main() -> int:
     print("|---|" + "---|" * len(args.only.split(",")))
     for metric in (
         "rss_mb",
+        "rss_mb_end",
         "idle_cpu_ms_per_s",
         "status_ms_median",
         "status_ms_p90",
