@@ -44,6 +44,20 @@ async def exchange(path: Path, raw: bytes, read_until_close: bool = True) -> byt
     return data
 
 
+def served(sock: Path, handler: httpserver.Handler, *raws: bytes) -> list[bytes]:
+    """Serve `handler` on `sock`, send each raw request on a connection of its own in turn, return the answers."""
+
+    async def scenario() -> list[bytes]:
+        server = HttpServer(handler)
+        await server.listen_unix(str(sock))
+        try:
+            return [await exchange(sock, raw) for raw in raws]
+        finally:
+            await server.close()
+
+    return asyncio.run(scenario())
+
+
 def statuses(data: bytes) -> list[int]:
     return [int(code) for code in re.findall(rb"HTTP/1\.1 (\d{3}) ", data)]
 
@@ -54,21 +68,11 @@ def test_keep_alive_answers_requests_in_order_and_http10_closes(short_tmp: Path)
     sock = short_tmp / "s.sock"
     seen: list[Request] = []
 
-    async def scenario() -> tuple[bytes, bytes]:
-        server = HttpServer(echo_handler(seen))
-        await server.listen_unix(str(sock))
-        try:
-            both = (
-                b"GET /a?x=1&y=%20z HTTP/1.1\r\nHost: x\r\n\r\n"
-                b"POST /services/web%2D0/stop HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi"
-            )
-            one = await exchange(sock, both)
-            old = await exchange(sock, b"GET /old HTTP/1.0\r\n\r\n")
-            return one, old
-        finally:
-            await server.close()
-
-    one, old = asyncio.run(scenario())
+    both = (
+        b"GET /a?x=1&y=%20z HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"POST /services/web%2D0/stop HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi"
+    )
+    one, old = served(sock, echo_handler(seen), both, b"GET /old HTTP/1.0\r\n\r\n")
 
     assert [200, 200] == statuses(one)
     assert one.endswith(b'{"path": "/services/web-0/stop", "query": {}, "body": "hi"}')
@@ -94,17 +98,7 @@ def test_broken_or_oversized_requests_get_their_4xx_and_the_server_goes_on(
     sock = short_tmp / "s.sock"
     seen: list[Request] = []
 
-    async def scenario() -> tuple[bytes, bytes]:
-        server = HttpServer(echo_handler(seen))
-        await server.listen_unix(str(sock))
-        try:
-            return await exchange(sock, raw), await exchange(
-                sock, b"GET /next HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-            )
-        finally:
-            await server.close()
-
-    bad, good = asyncio.run(scenario())
+    bad, good = served(sock, echo_handler(seen), raw, b"GET /next HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
 
     assert [code] == statuses(bad)
     assert b'{"error": ' in bad
@@ -115,20 +109,11 @@ def test_broken_or_oversized_requests_get_their_4xx_and_the_server_goes_on(
 def test_a_failing_handler_is_a_500_and_the_connection_lives_on(short_tmp: Path) -> None:
     """An exception in the handler answers 500 without its text, and the same connection serves the next
     request."""
-    sock = short_tmp / "s.sock"
-
-    async def scenario() -> bytes:
-        server = HttpServer(echo_handler([]))
-        await server.listen_unix(str(sock))
-        try:
-            return await exchange(
-                sock,
-                b"GET /boom HTTP/1.1\r\nHost: x\r\n\r\nGET /after HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-            )
-        finally:
-            await server.close()
-
-    data = asyncio.run(scenario())
+    (data,) = served(
+        short_tmp / "s.sock",
+        echo_handler([]),
+        b"GET /boom HTTP/1.1\r\nHost: x\r\n\r\nGET /after HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
 
     assert [500, 200] == statuses(data)
     assert b"handler bug" not in data
@@ -257,16 +242,7 @@ def test_a_plain_request_to_a_websocket_endpoint_is_a_400(short_tmp: Path) -> No
     async def handle(request: Request) -> Answer:
         return WebSocketSession(lambda ws: ws.accept())
 
-    sock = short_tmp / "s.sock"
+    (data,) = served(short_tmp / "s.sock", handle, b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
 
-    async def scenario() -> bytes:
-        server = HttpServer(handle)
-        await server.listen_unix(str(sock))
-        try:
-            return await exchange(sock, b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        finally:
-            await server.close()
-
-    data = asyncio.run(scenario())
     assert [400] == statuses(data)
     assert b"WebSocket upgrade" in data
