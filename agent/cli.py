@@ -483,7 +483,7 @@ def _masker(settings: Settings, profile: Profile) -> SecretMasker:
     model sources, and the variables services inherit."""
     import os
 
-    from agent.pull.source import DEFAULT_TOKEN_ENV
+    from agent.profile import token_env_names
     from agent.redact import SecretMasker, url_secrets
 
     masker = SecretMasker()
@@ -494,7 +494,7 @@ def _masker(settings: Settings, profile: Profile) -> SecretMasker:
         for secret in url_secrets(settings.redis_url.get_secret_value()):
             masker.add(secret)
     names = {n for service in profile.services.values() for n in service.inherit_env}
-    names |= {m.auth_env for m in profile.models.values() if m.auth_env} | set(DEFAULT_TOKEN_ENV.values())
+    names |= token_env_names(profile.models)
     for name in names:
         if os.environ.get(name):
             masker.add(os.environ[name])

@@ -7,6 +7,7 @@ import re
 import signal
 import string
 import tomllib
+from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -200,6 +201,15 @@ class ServiceSpec(_Frozen):
         if name not in signal.Signals.__members__:
             raise ValueError(f"unknown signal {value!r}")
         return name
+
+
+#: Token variables used for the convenience schemes when the manifest names none (and the variable is set).
+DEFAULT_TOKEN_ENV = {"hf": "HF_TOKEN", "civitai": "CIVITAI_API_TOKEN"}
+
+
+def token_env_names(models: Mapping[str, ModelSpec]) -> set[str]:
+    """Every environment variable whose value may be sent as a model source's token: a secret to mask."""
+    return {m.auth_env for m in models.values() if m.auth_env} | set(DEFAULT_TOKEN_ENV.values())
 
 
 def parse_huggingface(source: str) -> tuple[str, str, str]:

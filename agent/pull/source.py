@@ -10,11 +10,8 @@ from urllib.parse import quote, unquote, urlsplit
 
 from agent.errors import ModelPullError
 from agent.host.download import Credential, effective_port
-from agent.profile import ModelSpec, parse_huggingface
+from agent.profile import DEFAULT_TOKEN_ENV, ModelSpec, parse_huggingface
 from agent.redact import redact_source
-
-#: Token variables used for the convenience schemes when the manifest names none (and the variable is set).
-DEFAULT_TOKEN_ENV = {"hf": "HF_TOKEN", "civitai": "CIVITAI_API_TOKEN"}
 
 
 @dataclass(frozen=True)

@@ -176,9 +176,8 @@ class PullWorker:
 def main() -> int:
     """The child: one pull, as the request on stdin says."""
     from agent.logconfig import configure_logging
-    from agent.profile import ModelSpec
+    from agent.profile import ModelSpec, token_env_names
     from agent.pull.puller import open_puller
-    from agent.pull.source import DEFAULT_TOKEN_ENV
     from agent.redact import SecretMasker, url_secrets
     from agent.settings import Settings
 
@@ -190,7 +189,7 @@ def main() -> int:
     for spec in models.values():
         for secret in url_secrets(spec.url):
             masker.add(secret)
-    for name in {m.auth_env for m in models.values() if m.auth_env} | set(DEFAULT_TOKEN_ENV.values()):
+    for name in token_env_names(models):
         if os.environ.get(name):
             masker.add(os.environ[name])
     configure_logging(request["log"]["level"], request["log"]["format"], masker)

@@ -166,6 +166,41 @@ def test_demo_profile_end_to_end(agent_dirs: Path) -> None:
     assert 3 == agent.cli("status").returncode
 
 
+#: Libraries the long-running agent must never hold: the GPU binding (the probe is a child), the HTTP client and
+#: retry stack (the model pull is a child), a second Redis client, and aiohttp.
+NOT_IN_THE_DAEMON = ("pynvml", "httpx", "httpcore", "h2", "idna", "certifi", "tenacity", "valkey", "aiohttp")
+
+
+@pytest.mark.slow
+def test_the_running_daemon_holds_no_library_it_does_not_use(agent_dirs: Path) -> None:
+    """The agent that ran the demo through every stage (a model pulled, the GPU probed, services started and
+    registered) and then stopped never imported the pull's HTTP stack, the GPU binding or a second Redis client:
+    checked in the real process, so a lazy import on any path of `run` is caught."""
+    site = agent_dirs / "site"
+    site.mkdir()
+    # Every Python process that inherits PYTHONPATH writes the modules it held at exit, under its own pid.
+    (site / "sitecustomize.py").write_text(
+        "import atexit, json, os, sys\n"
+        f"atexit.register(lambda: open(f'{site}/{{os.getpid()}}.json', 'w').write(json.dumps(sorted(sys.modules))))\n"
+    )
+    agent = AgentProcess(
+        agent_dirs,
+        REPO / "profiles" / "demo.toml",
+        {"PYTHONPATH": f"{site}:{REPO}"},
+    )
+    try:
+        status = agent.wait_phase("ready", "failed")
+        assert "ready" == status["phase"], agent.read_log()
+        assert [("demo-checkpoint", "pulled")] == [(m["name"], m["state"]) for m in status["models"]]
+    finally:
+        code = agent.stop()
+
+    assert 0 == code, agent.read_log()
+    held = json.loads((site / f"{agent.process.pid}.json").read_text())
+    assert "agent.daemon" in held
+    assert [] == [m for m in held if m.split(".")[0] in NOT_IN_THE_DAEMON]
+
+
 @pytest.mark.slow
 def test_failed_boot_is_visible_in_status_and_redis_and_sigterm_deregisters(
     agent_dirs: Path, redis_server: RedisServer
