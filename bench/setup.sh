@@ -18,10 +18,10 @@ if [ "${1:-}" = "--pull" ]; then
   exit 0
 fi
 mkdir -p .tools
-[ -x .tools/venv/bin/supervisord ] || { python3 -m venv .tools/venv && .tools/venv/bin/pip install -q supervisor; }
-[ -x .tools/pm2/node_modules/.bin/pm2 ] || { mkdir -p .tools/pm2 && (cd .tools/pm2 && npm init -y >/dev/null && npm install --silent pm2); }
+[ -x .tools/venv/bin/supervisord ] || { python3 -m venv .tools/venv && .tools/venv/bin/pip install -q supervisor==4.3.0; }
+[ -x .tools/pm2/node_modules/.bin/pm2 ] || { mkdir -p .tools/pm2 && (cd .tools/pm2 && npm init -y >/dev/null && npm install --silent pm2@7.0.4); }
 # Rebuilt every time: the benchmark measures the working tree as it is now.
-rm -rf .tools/agent && python3 -m venv .tools/agent && .tools/agent/bin/pip install -q ..
+rm -rf .tools/agent && python3 -m venv .tools/agent && .tools/agent/bin/pip install -q -c ../constraints.txt ..
 .tools/agent/bin/emp-agent version
 .tools/venv/bin/supervisord --version
 .tools/pm2/node_modules/.bin/pm2 --version --no-daemon 2>/dev/null | tail -1 || true

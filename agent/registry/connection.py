@@ -57,7 +57,9 @@ def open_client(url: str, tls: TlsFiles | None = None) -> Any:
         "password": common["password"],  # sentinels usually share the master's credentials
         **tls_args,
     }
-    sentinel = Sentinel(nodes, sentinel_kwargs=sentinel_kwargs, ssl=secure, db=db, **common, **tls_args)
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        nodes, sentinel_kwargs=sentinel_kwargs, ssl=secure, db=db, **common, **tls_args
+    )
     return sentinel.master_for(path[0])
 
 
