@@ -23,6 +23,7 @@ from agent.errors import AgentError, ConfigError, Problem, RegistryError
 from agent.gpuwatch import GpuWatch
 from agent.host.facts import read_host_readings
 from agent.host.gpu import GpuProbe, GpuReport
+from agent.host.heap import release_free_memory
 from agent.host.launcher import Launcher, ProcessLauncher
 from agent.host.lock import DirectoryLock
 from agent.host.notify import Notifier
@@ -292,7 +293,8 @@ class Agent:
         await self.pipeline.run(self.ctx)
         await self._sweep_unclaimed()
         phase, reasons = self.phase()
-        log.info("bootstrap finished", phase=phase.value, reasons=reasons)
+        released = await asyncio.to_thread(release_free_memory)
+        log.info("bootstrap finished", phase=phase.value, reasons=reasons, released_mib=round(released / 2**20, 1))
         self._kick_if_phase_changed()
         await asyncio.gather(self._watch_gpus(self.ctx), self._watch_host())
 

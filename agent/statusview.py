@@ -109,7 +109,7 @@ def render_status(status: dict[str, Any], colour: bool = False) -> str:
                 format_bytes(svc.get("rss_bytes")),
                 gpu,
                 str(svc["port"] or "-"),
-                svc["last_error"] or "",
+                _last_error(svc),
             ]
         )
         states.append(svc["state"])
@@ -253,3 +253,14 @@ def render_fleet(machines: list[dict[str, Any]], colour: bool = False) -> str:
             ]
         )
     return "\n".join(_table(rows, [m["liveness"] for m in machines], 1, colour)) + "\n"
+
+
+def _last_error(svc: dict[str, Any]) -> str:
+    """How the last run ended; while the instance waits to start again, how far it is from the crash-loop limit
+    and when the next start is due."""
+    text = svc["last_error"] or ""
+    if svc["state"] not in ("BACKOFF", "FATAL") or svc.get("failures") is None:
+        return text
+    due = svc.get("next_start_in_s")
+    when = f", next start in {format_duration(due)}" if due is not None else ", no retry"
+    return f"{text} ({svc['failures']}/{svc['crash_loop_limit']} failures{when})"

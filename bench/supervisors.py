@@ -1,7 +1,9 @@
 """Side-by-side benchmark: emp-agent, supervisord and PM2, each supervising N idle children, in one run.
 
-Measures, per supervisor: daemon RSS, idle CPU, status CLI wall time, and restart latency after SIGKILL of a
-child (until a new process with the same tag has exec'd). Prints a Markdown table and writes JSON.
+Measures, per supervisor: daemon RSS (and its private part, USS), the supervisor's own helper processes (emp-agent's
+log writers), idle CPU, status CLI wall time, and restart latency after SIGKILL of a child (until a new process
+with the same tag has exec'd). emp-agent runs with its systemd unit's Environment=. Prints a Markdown table and
+writes JSON.
 
     bash bench/setup.sh                      # supervisor, PM2 and emp-agent (as a host installs it) into bench/.tools
     bench/.tools/agent/bin/python bench/supervisors.py --children 10 --kills 10 --status-reps 15 --out bench/results.json
@@ -76,11 +78,25 @@ class Supervisor:
         return dict(os.environ)
 
 
+def unit_environment() -> dict[str, str]:
+    """The Environment= of the systemd unit, so the agent runs here as a host runs it; its byte-code cache is
+    the one bench/setup.sh filled, as install.sh fills the host's."""
+    env: dict[str, str] = {}
+    for line in (REPO / "systemd" / "emp-agent.service").read_text().splitlines():
+        if line.startswith("Environment="):
+            env.update(item.split("=", 1) for item in line.removeprefix("Environment=").split())
+    if "PYTHONPYCACHEPREFIX" in env:
+        env["PYTHONPYCACHEPREFIX"] = str(TOOLS / "pycache")
+    return env
+
+
 class EmpAgent(Supervisor):
     name = "emp-agent"
 
     def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("EMP_AGENT_")}
+        # systemd gives the agent no Python variables but the unit's own.
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("EMP_AGENT_", "PYTHON"))}
+        env.update(unit_environment())
         env.update(
             {
                 "EMP_AGENT_STATE_DIR": str(self.work / "state"),
@@ -108,7 +124,7 @@ class EmpAgent(Supervisor):
         self.proc = subprocess.Popen([agent, "run"], env=self.env(), stdout=subprocess.DEVNULL, stderr=self.err)
         self.daemon_pid = self.proc.pid
         wait_for(
-            lambda: subprocess.run(self.status_argv(), env=self.env(), capture_output=True).returncode == 0,
+            lambda: subprocess.run(self.status_argv(), env=self.cli_env(), capture_output=True).returncode == 0,
             60,
             "emp-agent ready",
         )
@@ -116,6 +132,18 @@ class EmpAgent(Supervisor):
     def status_argv(self) -> list[str]:
         agent = shutil.which("emp-agent", path=str(Path(sys.executable).parent)) or "emp-agent"
         return [agent, "status"]
+
+    def cli_env(self) -> dict[str, str]:
+        """An operator's shell: the settings, none of the unit's interpreter variables."""
+        return {k: v for k, v in self.env().items() if k not in unit_environment()}
+
+    def helpers(self) -> list[psutil.Process]:
+        """The agent's own helper processes: one log writer per instance."""
+        return [
+            p
+            for p in psutil.Process(self.daemon_pid).children()
+            if any(part.endswith("agent/logshim.py") for part in p.cmdline())
+        ]
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -204,13 +232,17 @@ def measure(sup: Supervisor, args: argparse.Namespace) -> dict[str, Any]:
         time.sleep(args.settle)  # let start-up work finish before sampling the idle daemon
         daemon = psutil.Process(sup.daemon_pid)
         rss_mb = daemon.memory_info().rss / 1e6
+        uss_mb = daemon.memory_full_info().uss / 1e6  # its private pages: what it costs beyond shared libraries
+        helpers = sup.helpers()
+        helpers_rss_mb = sum(p.memory_info().rss for p in helpers) / 1e6
+        helpers_uss_mb = sum(p.memory_full_info().uss for p in helpers) / 1e6
         cpu0 = sum(daemon.cpu_times()[:2])
         time.sleep(args.idle_window)
         idle_ms_per_s = (sum(daemon.cpu_times()[:2]) - cpu0) * 1000 / args.idle_window
         status_ms = []
         for _ in range(args.status_reps):
             started = time.perf_counter()
-            subprocess.run(sup.status_argv(), env=sup.env(), capture_output=True, check=False)
+            subprocess.run(sup.status_argv(), env=sup.cli_env(), capture_output=True, check=False)
             status_ms.append((time.perf_counter() - started) * 1000)
         latencies = []
         for n in range(args.kills):
@@ -231,6 +263,10 @@ def measure(sup: Supervisor, args: argparse.Namespace) -> dict[str, Any]:
         return {
             "rss_mb": round(rss_mb, 1),
             "rss_mb_end": round(rss_end_mb, 1),
+            "uss_mb": round(uss_mb, 1),
+            "helpers": len(helpers),
+            "helpers_rss_mb": round(helpers_rss_mb, 1),
+            "helpers_uss_mb": round(helpers_uss_mb, 1),
             "idle_cpu_ms_per_s": round(idle_ms_per_s, 2),
             "status_ms_median": round(statistics.median(status_ms), 1),
             "status_ms_p90": round(sorted(status_ms)[int(0.9 * (len(status_ms) - 1))], 1),
@@ -271,6 +307,10 @@ def main() -> int:
     for metric in (
         "rss_mb",
         "rss_mb_end",
+        "uss_mb",
+        "helpers",
+        "helpers_rss_mb",
+        "helpers_uss_mb",
         "idle_cpu_ms_per_s",
         "status_ms_median",
         "status_ms_p90",

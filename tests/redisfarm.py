@@ -114,9 +114,16 @@ class SentinelGroup(Farm):
         wait_until(self._sentinels_know_each_other, 30, what="sentinels to discover each other")
 
     def _sentinels_know_each_other(self) -> bool:
+        # Sentinel commands through execute_command here and in master_port: redis-py 6.4's sync helpers pass
+        # options their own reply parsers do not take (the agent's asyncio Sentinel does not use them).
         try:
             return all(
-                int(redis.Redis(port=p, decode_responses=True).sentinel_master(self.name)["num-other-sentinels"]) >= 2
+                int(
+                    redis.Redis(port=p, decode_responses=True).execute_command("SENTINEL MASTER", self.name)[
+                        "num-other-sentinels"
+                    ]
+                )
+                >= 2
                 for p in self.sentinels
             )
         except (redis.RedisError, OSError, KeyError):
@@ -130,7 +137,7 @@ class SentinelGroup(Farm):
     def master_port(self) -> int:
         """The port Sentinel says is master now."""
         client = redis.Redis(port=self.sentinels[0], decode_responses=True)
-        return int(client.sentinel_get_master_addr_by_name(self.name)[1])
+        return int(client.execute_command("SENTINEL GET-MASTER-ADDR-BY-NAME", self.name)[1])
 
 
 class Cluster(Farm):

@@ -1,5 +1,6 @@
-"""The HTTP/1.1 server the control API answers on: connections, framing (h11), WebSocket upgrades (wsproto),
-limits and timeouts. What a request means is the API's business; this module never looks at paths."""
+"""The HTTP/1.1 server the control API answers on: connections, framing (h11), limits and timeouts; WebSocket
+upgrades are handed to agent.api.websocket. What a request means is the API's business; this module never looks
+at paths."""
 
 from __future__ import annotations
 
@@ -8,14 +9,14 @@ import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 import h11
 import structlog
-from wsproto import ConnectionType, WSConnection
-from wsproto.connection import ConnectionState
-from wsproto.events import AcceptConnection, CloseConnection, Message, Ping, Pong, RejectConnection, TextMessage
+
+if TYPE_CHECKING:
+    from agent.api.websocket import WebSocket
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -28,10 +29,6 @@ MAX_BODY_BYTES = 64 * 1024
 REQUEST_TIMEOUT_S = 10.0
 #: An idle keep-alive connection is closed after this many seconds.
 KEEPALIVE_TIMEOUT_S = 75.0
-#: A WebSocket is pinged this often; one that has not answered the previous ping is closed.
-PING_INTERVAL_S = 30.0
-#: A session whose client has left gets this long to end by itself before it is cancelled.
-SESSION_GRACE_S = 1.0
 READ_BYTES = 64 * 1024
 SERVER = "emp-agent"
 
@@ -77,43 +74,6 @@ class StreamResponse:
     content_type: str
     status: int = 200
     headers: tuple[tuple[str, str], ...] = (("cache-control", "no-cache"),)
-
-
-class WebSocket:
-    """An upgraded connection as the session sees it: accept, send text, notice the peer going away."""
-
-    def __init__(self, protocol: WSConnection, writer: asyncio.StreamWriter) -> None:
-        self._protocol = protocol
-        self._writer = writer
-        self.accepted = False
-        self.closed = asyncio.Event()
-
-    async def accept(self) -> None:
-        """Answer the upgrade (101); until then the client waits."""
-        await self._send(AcceptConnection())
-        self.accepted = True
-
-    async def send_text(self, text: str) -> None:
-        """One text message; ConnectionError once the socket is closing or gone."""
-        if self.closed.is_set() or self._protocol.state is not ConnectionState.OPEN:
-            raise ConnectionResetError("the WebSocket is closed")
-        await self._send(Message(data=text))
-
-    async def until_closed(self, awaitable: Awaitable[T]) -> T | None:
-        """The result of `awaitable`, or None when the socket closes first (the awaitable is then cancelled)."""
-        work = asyncio.ensure_future(awaitable)
-        closed = asyncio.ensure_future(self.closed.wait())
-        try:
-            await asyncio.wait({work, closed}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            closed.cancel()
-            if not work.done():
-                work.cancel()
-        return work.result() if work.done() and not work.cancelled() else None
-
-    async def _send(self, event: Any) -> None:
-        self._writer.write(self._protocol.send(event))
-        await self._writer.drain()
 
 
 @dataclass(frozen=True)
@@ -307,66 +267,11 @@ class _Connection:
             await self.writer.drain()
 
     async def _websocket(self, request: Request, session: WebSocketSession) -> None:
-        protocol = WSConnection(ConnectionType.SERVER)
-        protocol.initiate_upgrade_connection(
-            [(name.encode("latin-1"), value.encode("latin-1")) for name, value in request.headers.items()],
-            _target(request),
-        )
-        socket = WebSocket(protocol, self.writer)
-        trailing, _ = self.h11.trailing_data
-        talk = asyncio.ensure_future(session.run(socket))
-        listen = asyncio.ensure_future(self._listen(protocol, socket, bytes(trailing)))
-        try:
-            await asyncio.wait({talk, listen}, return_when=asyncio.FIRST_COMPLETED)
-            if listen.done() and not talk.done():  # the client left: the session has seen `closed`, let it end
-                await asyncio.wait({talk}, timeout=SESSION_GRACE_S)
-        finally:
-            for task in (talk, listen):
-                task.cancel()
-            await asyncio.gather(talk, listen, return_exceptions=True)
-        if not socket.accepted:
-            self.writer.write(protocol.send(RejectConnection(status_code=500)))
-        elif protocol.state is ConnectionState.OPEN:
-            self.writer.write(protocol.send(CloseConnection(code=1000)))
-        with contextlib.suppress(ConnectionError):
-            await self.writer.drain()
+        from agent.api import websocket  # wsproto is loaded by the first upgrade, not by every agent (0.9 MB)
 
-    async def _listen(self, protocol: WSConnection, socket: WebSocket, trailing: bytes) -> None:
-        """Answer pings and closes, ping the client, and set `socket.closed` when it leaves."""
-        answered = True
-        data = trailing
-        try:
-            while True:
-                if data:
-                    protocol.receive_data(data)
-                for event in protocol.events():
-                    if isinstance(event, Ping):
-                        self.writer.write(protocol.send(event.response()))
-                    elif isinstance(event, Pong):
-                        answered = True
-                    elif isinstance(event, CloseConnection):
-                        if protocol.state is ConnectionState.REMOTE_CLOSING:
-                            self.writer.write(protocol.send(event.response()))
-                        return
-                    elif isinstance(event, TextMessage):
-                        pass  # the event stream is one-way; what the client says is ignored
-                if socket.accepted:
-                    await self.writer.drain()
-                try:
-                    async with asyncio.timeout(PING_INTERVAL_S):
-                        data = await self.reader.read(READ_BYTES)
-                except TimeoutError:
-                    if not answered or not socket.accepted:
-                        return
-                    answered = False
-                    self.writer.write(protocol.send(Ping()))
-                    data = b""
-                    continue
-                if not data:
-                    protocol.receive_data(None)
-                    return
-        finally:
-            socket.closed.set()
+        headers = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in request.headers.items()]
+        trailing, _ = self.h11.trailing_data
+        await websocket.serve(headers, _target(request), bytes(trailing), self.reader, self.writer, session.run)
 
 
 async def _unless(stop: asyncio.Future[Any], awaitable: Awaitable[T]) -> T:

@@ -14,7 +14,7 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.api.events import EventHub
 from agent.api.httpserver import (
@@ -23,11 +23,13 @@ from agent.api.httpserver import (
     Request,
     Response,
     StreamResponse,
-    WebSocket,
     WebSocketSession,
     json_response,
 )
 from agent.errors import AgentError, UnknownService
+
+if TYPE_CHECKING:
+    from agent.api.websocket import WebSocket
 
 SOCKET_MODE = 0o660
 SOCKET_GROUP = "emp-agent"

@@ -15,6 +15,7 @@ from typing import Protocol
 
 import psutil
 
+from agent import logshim
 from agent.errors import SpawnError
 
 #: Set in every child's environment; inherited by its descendants, so escaped ones can still be found.
@@ -23,6 +24,8 @@ TAG_VARIABLE = "EMP_SPAWN_TAG"
 UNKNOWN_EXIT = -256
 #: How long the log writer may take to drain after the instance's last process is gone.
 SHIM_EXIT_TIMEOUT_S = 5.0
+#: The log writer runs as a script in an isolated interpreter without site packages: one runs per instance.
+LOGSHIM_ARGV = (sys.executable, "-I", "-S", str(Path(logshim.__file__).resolve()))
 #: Writes up to this size to a pipe are atomic (never interleaved with a child's output).
 PIPE_BUF = 4096
 #: psutil create times of one process read at different moments agree to within this (seconds).
@@ -337,7 +340,7 @@ class LogPipe:
 
 class ProcessLauncher:
     """Spawns each child in a new session, stdin from /dev/null, stdout+stderr into the pipe of its log writer
-    (`agent.logshim`), which timestamps, rotates and never blocks the child."""
+    (`agent/logshim.py`), which timestamps, rotates and never blocks the child."""
 
     async def open_log(self, spec: LogSpec) -> LogPipe:
         """Check the log file can be written, then start its writer on a new pipe."""
@@ -349,9 +352,7 @@ class ProcessLauncher:
         read_end, write_end = os.pipe()
         try:
             shim = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "agent.logshim",
+                *LOGSHIM_ARGV,
                 "--log",
                 str(spec.path),
                 "--state",

@@ -67,6 +67,7 @@ class ManagedService:
         self.last_exit_code: int | None = None
         self._starts = 0
         self._spawned_at: float | None = None
+        self._next_start_at: float | None = None  # monotonic; while BACKOFF or FATAL with a retry
         self._ready_since: float | None = None
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
@@ -146,6 +147,9 @@ class ManagedService:
             "state": self.state.value,
             "pid": self.pid,
             "restarts": self.restarts,
+            "failures": self.failures,
+            "crash_loop_limit": self.spec.restart.crash_loop_limit,
+            "next_start_in_s": self._next_start_in(now),
             "uptime_s": round(uptime, 3) if uptime is not None else None,
             "port": self.spec.port,
             "gpu": {"index": gpu.index, "uuid": gpu.uuid} if gpu else None,
@@ -157,6 +161,11 @@ class ManagedService:
             "required": self.spec.required,
             "log": {"path": str(self.spec.log_path), **_log_state(self.spec.log_path)},
         }
+
+    def _next_start_in(self, now: float) -> float | None:
+        if self._next_start_at is None or self.state not in (ServiceState.BACKOFF, ServiceState.FATAL):
+            return None
+        return round(max(0.0, self._next_start_at - now), 1)
 
     @property
     def child(self) -> Child | None:
@@ -218,6 +227,7 @@ class ManagedService:
                 return
             if verdict is policy.Verdict.GIVE_UP:
                 retry = self.spec.restart.fatal_retry_s
+                self._next_start_at = self._monotonic() + retry if retry else None
                 self._set(
                     ServiceState.FATAL,
                     f"{reason}; crash loop ({self.failures} failures in a row)"
@@ -230,6 +240,7 @@ class ManagedService:
                 self.failures = 0
                 continue
             delay = policy.backoff_delay(self.spec.restart, self.failures, self._random())
+            self._next_start_at = self._monotonic() + delay
             self._set(ServiceState.BACKOFF, f"{reason}; restarting in {delay:.1f}s")
             if await self._sleep_unless_stopped(delay):
                 self._set(ServiceState.STOPPED, "stop requested")

@@ -35,7 +35,7 @@ SERVICES = {
     "model-server-0": r" -m http\.server 18100 ",
     "inference-0": r" -m agent\.demo_service --port 18200 ",
 }
-LOGSHIM = r" -m agent\.logshim --log /var/log/emp-agent/{name}\.log "
+LOGSHIM = r" -I -S \S+/agent/logshim\.py --log /var/log/emp-agent/{name}\.log "
 #: Host units that would start in a container of the host root (the *.wants links are removed as well).
 MASK = [
     "getty@.service",

@@ -12,16 +12,16 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from agent.api import httpserver
+from agent.api import httpserver, websocket
 from agent.api.httpserver import (
     Answer,
     HttpServer,
     Request,
     StreamResponse,
-    WebSocket,
     WebSocketSession,
     json_response,
 )
+from agent.api.websocket import WebSocket
 from tests.helpers import await_until
 
 
@@ -160,7 +160,7 @@ def test_websocket_messages_flow_and_a_client_that_stops_answering_pings_is_drop
 ) -> None:
     """An independent client (aiohttp) upgrades and receives the session's messages; the server pings, a client
     that answers keeps the socket, one that does not is closed after the next interval."""
-    monkeypatch.setattr(httpserver, "PING_INTERVAL_S", 0.2)
+    monkeypatch.setattr(websocket, "PING_INTERVAL_S", 0.2)
     ended: list[str] = []
 
     async def session(websocket: WebSocket) -> None:
