@@ -196,6 +196,7 @@ def test_case_12_a_tree_growing_100_mb_a_second_is_restarted_soon_after_crossing
     async def scenario() -> tuple[list[int], dict[str, Any]]:
         await table.start_all()
         service = table.get("hog")
+        await await_until(lambda: service.state is ServiceState.RUNNING, 30, what="RUNNING")
         pid = service.snapshot()["pid"]
         children = await await_until(lambda: psutil.Process(pid).children(), 30, what="the service's child")
         tree = [pid] + [c.pid for c in children]
