@@ -77,6 +77,14 @@ class Supervisor:
     def env(self) -> dict[str, str]:
         return dict(os.environ)
 
+    def cli_env(self) -> dict[str, str]:
+        return self.env()
+
+    def helpers(self) -> list[psutil.Process]:
+        """Processes of the supervisor's own besides the daemon (none for supervisord and PM2: they log
+        in-process)."""
+        return []
+
 
 def unit_environment() -> dict[str, str]:
     """The Environment= of the systemd unit, so the agent runs here as a host runs it; its byte-code cache is

@@ -247,7 +247,10 @@ class ManagedService:
                 return
 
     async def _sleep_unless_stopped(self, seconds: float) -> bool:
-        """Sleep; True when a stop was requested meanwhile."""
+        """Sleep; True when a stop was requested meanwhile. No wait at all for 0 s: an immediate restart does
+        not give the event loop to other work (a heartbeat the state change kicked) before the spawn."""
+        if seconds <= 0:
+            return self._stop.is_set()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stop.wait(), seconds)
         return self._stop.is_set()

@@ -23,6 +23,20 @@ ONCE = RestartSpec(policy=RestartPolicy.ON_FAILURE)
 LINE = re.compile(rb"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z line (\d{8}) x{85}$")
 
 
+def kept_line_numbers(files: list[Path]) -> list[int]:
+    """The numbers of chatty.py's lines in the given log files, oldest file first; every other line must be the
+    agent's start header."""
+    numbers = []
+    for path in files:
+        for raw in path.read_bytes().splitlines():
+            match = LINE.match(raw)
+            if match:
+                numbers.append(int(match.group(1)))
+            else:
+                assert raw.split(b" ", 1)[1].startswith(b"=== emp-agent: start #1 of chatty"), raw
+    return numbers
+
+
 def run_until_exited(tmp_path: Path, spec: ServiceSpec) -> dict:  # type: ignore[type-arg]
     table = ProcessTable(ProcessLauncher())
     for instance in expand(
@@ -61,14 +75,7 @@ def test_rotation_keeps_every_line_once_and_bounds_the_disk(tmp_path: Path) -> N
     files = [logs / f"chatty.log.{n}" for n in (3, 2, 1)] + [logs / "chatty.log"]
     assert sum(f.stat().st_size for f in files) <= 4 * 1024 * 1024 + 200
     assert not (logs / "chatty.log.4").exists()
-    numbers = []
-    for path in files:
-        for raw in path.read_bytes().splitlines():
-            match = LINE.match(raw)
-            if match:
-                numbers.append(int(match.group(1)))
-            else:
-                assert raw.split(b" ", 1)[1].startswith(b"=== emp-agent: start #1 of chatty"), raw
+    numbers = kept_line_numbers(files)
     assert numbers == list(range(numbers[0], numbers[0] + len(numbers)))
     assert (6 * 1024 * 1024) // 100 - 1 == numbers[-1]
     assert 0 == snap["log"]["dropped_lines"]

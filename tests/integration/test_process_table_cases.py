@@ -18,7 +18,7 @@ import pytest
 from agent.profile import ProbeKind, ReadinessSpec, RestartPolicy, RestartSpec, ServiceSpec
 from agent.supervisor.states import ServiceState
 from tests.helpers import await_until
-from tests.integration.test_logs import LINE, run_until_exited
+from tests.integration.test_logs import kept_line_numbers, run_until_exited
 from tests.integration.test_service import PROGRAMS, free_port, table_with, transitions
 
 pytestmark = pytest.mark.slow
@@ -73,14 +73,7 @@ def test_case_4_five_mb_a_second_for_a_minute_rotates_within_bounds_losing_no_li
     assert 4 * 10 * MiB < total  # the bound below is rotation's doing, not a small run
     assert peak <= 4 * 10 * MiB + 200
     assert not (logs / "chatty.log.4").exists()
-    numbers = []
-    for path in files:
-        for raw in path.read_bytes().splitlines():
-            match = LINE.match(raw)
-            if match:
-                numbers.append(int(match.group(1)))
-            else:
-                assert raw.split(b" ", 1)[1].startswith(b"=== emp-agent: start #1 of chatty"), raw
+    numbers = kept_line_numbers(files)
     assert numbers == list(range(numbers[0], numbers[0] + len(numbers)))
     assert total // 100 - 1 == numbers[-1]
     assert len(numbers) * 114 > 3 * 10 * MiB  # the backups are full: rotation kept all it was allowed to
@@ -177,6 +170,41 @@ def test_case_10_a_binary_that_appears_after_30_s_is_started_without_a_human(tmp
     assert [] == [reason for reason in errors if f"can't find command '{binary}'" not in reason]
     assert ServiceState.RUNNING.value == snap["state"]
     assert snap["pid"] is not None
+
+
+def test_case_11_a_child_that_takes_5_s_to_exit_on_sigterm_is_never_respawned_meanwhile(tmp_path: Path) -> None:
+    """Process table case 11: a service that needs 5 s to finish after SIGTERM (stop timeout 10 s) is STOPPING
+    for those 5 s, gets no SIGKILL, is not started again meanwhile (the stop wins over its restart policy
+    `always`), and is STOPPED once it has exited and been reaped."""
+    spec = ServiceSpec(
+        command=["{python}", str(PROGRAMS / "slow_exit.py"), "5"],
+        readiness=ReadinessSpec(kind=ProbeKind.LOG, pattern="^running$", timeout_s=30),
+        stop_timeout_s=10,
+        restart=RestartSpec(policy=RestartPolicy.ALWAYS, backoff_initial_s=0.05, jitter=0),
+    )
+    table = table_with(tmp_path, slow=spec)
+
+    async def scenario() -> tuple[float, bool]:
+        await table.start_all()
+        service = table.get("slow")
+        await await_until(lambda: service.state is ServiceState.RUNNING, 30, what="RUNNING")
+        pid = service.snapshot()["pid"]
+        started = time.monotonic()
+        await service.stop()
+        took = time.monotonic() - started
+        gone = not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        await table.stop_all()
+        return took, gone
+
+    took, gone = asyncio.run(scenario())
+
+    assert 4.5 <= took < 9, took
+    assert gone
+    after_stop = transitions(table, "slow")[transitions(table, "slow").index(("RUNNING", "STOPPING")) :]
+    assert [("RUNNING", "STOPPING"), ("STOPPING", "STOPPED")] == after_stop
+    log = (tmp_path / "logs" / "slow.log").read_text()
+    assert "finished" in log
+    assert 1 == log.count("=== emp-agent: start #")
 
 
 def test_case_12_a_tree_growing_100_mb_a_second_is_restarted_soon_after_crossing_500_mb(tmp_path: Path) -> None:
