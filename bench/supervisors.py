@@ -146,11 +146,11 @@ class EmpAgent(Supervisor):
         return {k: v for k, v in self.env().items() if k not in unit_environment()}
 
     def helpers(self) -> list[psutil.Process]:
-        """The agent's own helper processes: one log writer per instance."""
+        """The agent's own helper processes: its log writer (one for all the instances)."""
         return [
             p
             for p in psutil.Process(self.daemon_pid).children()
-            if any(part.endswith("agent/logshim.py") for part in p.cmdline())
+            if any(part.endswith("agent/logwriter.py") for part in p.cmdline())
         ]
 
     def stop(self) -> None:

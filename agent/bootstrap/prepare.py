@@ -8,7 +8,8 @@ from pathlib import Path
 
 from agent.bootstrap.context import BootstrapContext
 from agent.errors import SpawnError, StageFailed
-from agent.host.launcher import LogPipe, LogSpec, ProcessLauncher
+from agent.host.launcher import ProcessLauncher
+from agent.host.logpipes import LogPipe, LogSpec
 from agent.supervisor.instances import declared_env
 
 TAIL_LINES = 5

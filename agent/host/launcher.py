@@ -9,25 +9,17 @@ import signal
 import sys
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 import psutil
 
-from agent import logshim
 from agent.errors import SpawnError
+from agent.host.logpipes import LogPipe, LogSpec, LogWriter
 
 #: Set in every child's environment; inherited by its descendants, so escaped ones can still be found.
 TAG_VARIABLE = "EMP_SPAWN_TAG"
 #: What wait() returns for an adopted process: its exit status went to its real parent, not to us.
 UNKNOWN_EXIT = -256
-#: How long the log writer may take to drain after the instance's last process is gone.
-SHIM_EXIT_TIMEOUT_S = 5.0
-#: The log writer runs as a script in an isolated interpreter without site packages: one runs per instance.
-LOGSHIM_ARGV = (sys.executable, "-I", "-S", str(Path(logshim.__file__).resolve()))
-#: Writes up to this size to a pipe are atomic (never interleaved with a child's output).
-PIPE_BUF = 4096
 #: psutil create times of one process read at different moments agree to within this (seconds).
 CREATE_TIME_SLACK_S = 0.05
 
@@ -282,97 +274,16 @@ def _alive(proc: psutil.Process) -> bool:
         return False
 
 
-@dataclass(frozen=True)
-class LogSpec:
-    """Where an instance's output goes: the file and its rotation."""
-
-    path: Path
-    max_bytes: int = 50 * 1024 * 1024
-    backups: int = 5
-
-    @property
-    def state_path(self) -> Path:
-        """The log writer's counters, last error and tail (JSON)."""
-        return self.path.with_name(f".{self.path.name}.state.json")
-
-
-class LogPipe:
-    """An instance's output pipe and the log writer draining it. It lives across restarts of the instance, so a
-    restart spawns only the service; the agent holds the write end until the instance is stopped for good."""
-
-    def __init__(self, spec: LogSpec, write_fd: int, shim: asyncio.subprocess.Process) -> None:
-        self.spec = spec
-        self.write_fd = write_fd
-        self._shim = shim
-        # A second, non-blocking open of the same pipe for the agent's own header lines: O_NONBLOCK on the
-        # shared descriptor would also make the children's writes non-blocking.
-        self._header_fd = os.open(f"/proc/self/fd/{write_fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-
-    @property
-    def alive(self) -> bool:
-        """False when the writer has exited (it is then replaced at the next start)."""
-        return self._shim.returncode is None and self.write_fd >= 0
-
-    def write_line(self, text: str) -> None:
-        """Put one line of our own into the log (dropped rather than block when the pipe is full)."""
-        with contextlib.suppress(OSError):
-            os.write(self._header_fd, text.encode()[: PIPE_BUF - 1] + b"\n")
-
-    def reopen(self) -> None:
-        """Ask the writer to reopen its file (after an external logrotate moved it)."""
-        if self._shim.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self._shim.send_signal(signal.SIGHUP)
-
-    async def close(self) -> None:
-        """Close our ends; the writer drains what is left and exits once the instance's processes are gone."""
-        for fd in (self._header_fd, self.write_fd):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self._header_fd = self.write_fd = -1
-        try:
-            await asyncio.wait_for(asyncio.shield(self._shim.wait()), SHIM_EXIT_TIMEOUT_S)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                self._shim.kill()
-            await self._shim.wait()
-
-
 class ProcessLauncher:
-    """Spawns each child in a new session, stdin from /dev/null, stdout+stderr into the pipe of its log writer
-    (`agent/logshim.py`), which timestamps, rotates and never blocks the child."""
+    """Spawns each child in a new session, stdin from /dev/null, stdout+stderr into a pipe drained by the agent's
+    log writer (`agent/logwriter.py`), which timestamps, rotates and never blocks the child."""
+
+    def __init__(self, log_writer: LogWriter | None = None) -> None:
+        self.log_writer = log_writer or LogWriter()
 
     async def open_log(self, spec: LogSpec) -> LogPipe:
-        """Check the log file can be written, then start its writer on a new pipe."""
-        try:
-            spec.path.parent.mkdir(parents=True, exist_ok=True)
-            os.close(os.open(spec.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640))
-        except OSError as exc:
-            raise SpawnError(f"cannot open log file {spec.path}: {exc.strerror}") from None
-        read_end, write_end = os.pipe()
-        try:
-            shim = await asyncio.create_subprocess_exec(
-                *LOGSHIM_ARGV,
-                "--log",
-                str(spec.path),
-                "--state",
-                str(spec.state_path),
-                "--max-bytes",
-                str(spec.max_bytes),
-                "--backups",
-                str(spec.backups),
-                stdin=read_end,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.DEVNULL,
-                env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"},
-                start_new_session=True,
-            )
-        except OSError as exc:
-            os.close(write_end)
-            raise SpawnError(f"cannot start the log writer: {exc.strerror or exc}") from None
-        finally:
-            os.close(read_end)
-        return LogPipe(spec, write_end, shim)
+        """Check the log file can be written and hand a new pipe to the agent's log writer."""
+        return await self.log_writer.open(spec)
 
     async def spawn(self, argv: Sequence[str], env: Mapping[str, str], cwd: str | None, log: LogPipe) -> Child:
         tag = uuid.uuid4().hex

@@ -15,7 +15,8 @@ from typing import Any
 import structlog
 
 from agent.errors import SpawnError
-from agent.host.launcher import UNKNOWN_EXIT, AdoptedChild, Child, Launcher, LogPipe, LogSpec
+from agent.host.launcher import UNKNOWN_EXIT, AdoptedChild, Child, Launcher
+from agent.host.logpipes import LogPipe, LogSpec
 from agent.profile import ProbeKind
 from agent.statefile import read_json
 from agent.supervisor import policy

@@ -29,13 +29,14 @@ AGENT = "/opt/emp-agent/bin/emp-agent"
 UNIT_CGROUP = "/sys/fs/cgroup/system.slice/emp-agent.service"
 #: Watchdog for these tests (the unit ships 30 s): the agent pings every half of it from its event loop.
 WATCHDOG_S = 3
-#: What each instance of the demo profile runs: its process, and the logshim that carries its output.
+#: What each instance of the demo profile runs.
 SERVICES = {
     "emp-registry": r"/(valkey|redis)-server\b",
     "model-server-0": r" -m http\.server 18100 ",
     "inference-0": r" -m agent\.demo_service --port 18200 ",
 }
-LOGSHIM = r" -I -S \S+/agent/logshim\.py --log /var/log/emp-agent/{name}\.log "
+#: The one log writer that carries every instance's output.
+LOG_WRITER = r" -I -S \S+/agent/logwriter\.py\b"
 #: Host units that would start in a container of the host root (the *.wants links are removed as well).
 MASK = [
     "getty@.service",
@@ -116,17 +117,18 @@ def service_pids(status: dict[str, Any]) -> dict[str, int]:
 
 
 def counts(host: Host) -> dict[str, int]:
-    """How many processes of each instance, and of its log shim, run in the unit's cgroup (one each, always)."""
+    """How many processes of each instance, of the log writer and of the agent run in the unit's cgroup (one each,
+    always)."""
     procs = host.unit_processes()
     result = {}
     for name, pattern in SERVICES.items():
         result[name] = sum(1 for _, cmd in procs if re.search(pattern, cmd))
-        result[f"{name} logshim"] = sum(1 for _, cmd in procs if re.search(LOGSHIM.format(name=name), cmd))
+    result["log writer"] = sum(1 for _, cmd in procs if re.search(LOG_WRITER, cmd))
     result["agent"] = sum(1 for _, cmd in procs if cmd.endswith(f"{AGENT} run "))
     return result
 
 
-ONE_EACH = {**{n: 1 for n in SERVICES}, **{f"{n} logshim": 1 for n in SERVICES}, "agent": 1}
+ONE_EACH = {**{n: 1 for n in SERVICES}, "log writer": 1, "agent": 1}
 
 
 def said(entries: list[dict[str, Any]], event: str, **fields: str) -> bool:
@@ -289,7 +291,8 @@ def test_journal_fields(host: Host) -> None:
 def test_sigkill_restarts_and_adopts(host: Host) -> None:
     """SIGKILL of the agent's main process: systemd restarts it (NRestarts +1, Restart=on-failure) and the new
     agent adopts the services the old one left running (KillMode=process): same pids, and never a second copy
-    of any service or log shim in the unit's cgroup."""
+    of any service or log writer in the unit's cgroup (the old writer goes on carrying the adopted services'
+    output; the new agent starts one only for what it starts)."""
     status = ensure_ready(host)
     before = service_pids(status)
     assert set(before) == set(SERVICES)

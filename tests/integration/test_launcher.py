@@ -7,7 +7,8 @@ import os
 import sys
 from pathlib import Path
 
-from agent.host.launcher import LogSpec, ProcessLauncher, descendants
+from agent.host.launcher import ProcessLauncher, descendants
+from agent.host.logpipes import LogSpec
 from tests.helpers import await_until
 
 #: A parent that starts a child in its own group and a grandchild in a new session, then waits; a thread of the

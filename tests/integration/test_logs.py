@@ -11,7 +11,8 @@ import sys
 import threading
 from pathlib import Path
 
-from agent.host.launcher import LogSpec, ProcessLauncher
+from agent.host.launcher import ProcessLauncher
+from agent.host.logpipes import LogSpec
 from agent.profile import Profile, ReadinessSpec, RestartPolicy, RestartSpec, ServiceSpec
 from agent.supervisor.instances import Paths, expand
 from agent.supervisor.states import ServiceState
@@ -145,42 +146,3 @@ def test_logs_for_an_unknown_name_without_a_log_fails(tmp_path: Path) -> None:
 
     assert 1 == result.returncode
     assert f"nope: ERROR (no log at {tmp_path}/nope.log)\n" == result.stderr
-
-
-def test_the_log_writer_runs_isolated_and_imports_only_what_it_needs(tmp_path: Path) -> None:
-    """The writer, started exactly as the launcher starts it, copies a line into its file and loads no site
-    packages, argparse, pathlib or typing: one runs beside every instance, so its imports are its memory."""
-    from agent.host.launcher import LOGSHIM_ARGV
-
-    log, state = tmp_path / "svc.log", tmp_path / ".svc.log.state.json"
-    result = subprocess.run(
-        [LOGSHIM_ARGV[0], "-X", "importtime", *LOGSHIM_ARGV[1:], "--log", str(log), "--state", str(state)],
-        input=b"hello\n",
-        capture_output=True,
-        timeout=30,
-        check=True,
-    )
-
-    imported = {line.split("|")[-1].strip() for line in result.stderr.decode().splitlines() if "|" in line}
-    assert {"json", "signal"} <= imported
-    assert set() == imported & {"site", "argparse", "pathlib", "typing", "agent"}
-    assert log.read_bytes().endswith(b"Z hello\n")
-    assert ["hello"] == json.loads(state.read_text())["tail"]
-
-
-def test_the_log_writer_refuses_bad_arguments_with_exit_2(tmp_path: Path) -> None:
-    """A missing or malformed option is a usage error naming the option; nothing is written."""
-    from agent.host.launcher import LOGSHIM_ARGV
-
-    cases = {
-        ("--state", str(tmp_path / "s")): "--log is required",
-        ("--log", str(tmp_path / "l"), "--state", str(tmp_path / "s"), "--backups", "x"): "--backups must be",
-        ("--log", str(tmp_path / "l"), "--colour"): "--colour needs a value",
-        ("--log", str(tmp_path / "l"), "--colour", "red"): "unknown option --colour",
-    }
-    for args, message in cases.items():
-        result = subprocess.run([*LOGSHIM_ARGV, *args], input=b"", capture_output=True, timeout=30)
-
-        assert 2 == result.returncode, args
-        assert message in result.stderr.decode(), result.stderr
-    assert [] == list(tmp_path.iterdir())
