@@ -36,6 +36,10 @@ CHUNK = 64 * 1024
 #: Longer lines are split: a service printing without newlines cannot make us buffer without bound.
 MAX_LINE = 64 * 1024
 TAIL_LINES = 50
+#: Lines kept in the tail are cut here: the tail is held for every instance in this one process.
+TAIL_LINE_MAX = 2048
+#: Files the writer creates (a rotation's new file) get the mode the agent gives the first one.
+FILE_MODE = 0o640
 STATE_EVERY_S = 1.0
 REOPEN_EVERY_S = 1.0
 #: The largest control message: a JSON header with two paths.
@@ -61,6 +65,8 @@ class RotatingWriter:
         self.last_error: str | None = None
         self.dropped_lines = 0
         self.lines = 0
+        #: The last write stopped inside a line (disk full): the next line starts on a line of its own.
+        self._torn = False
 
     def reopen(self) -> None:
         """Close and reopen on the next write (external logrotate moved the file)."""
@@ -80,9 +86,15 @@ class RotatingWriter:
                 if handle is None:
                     self.dropped_lines += 1
                     return
-            handle.write(line)
-            handle.flush()
-            self._size += len(line)
+            if self._torn:
+                line = b"\n" + line
+            self._torn = False
+            view = memoryview(line)
+            while view:  # a full disk can take part of a line without an error; the rest then fails
+                written = handle.write(view) or 0
+                self._size += written
+                view = view[written:]
+                self._torn = bool(view)
             self.lines += 1
         except OSError as exc:
             self.last_error = f"{self.path}: {exc.strerror or exc}"
@@ -96,7 +108,8 @@ class RotatingWriter:
         if now < self._next_open:
             return None
         try:
-            self._file = open(self.path, "ab", buffering=0)  # noqa: SIM115 (kept open between writes)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+            self._file = open(fd, "ab", buffering=0)  # noqa: SIM115 (kept open between writes)
             self._size = self._file.seek(0, os.SEEK_END)
         except OSError as exc:
             self.last_error = f"{self.path}: {exc.strerror or exc}"
@@ -106,8 +119,9 @@ class RotatingWriter:
 
     def _rotate(self) -> None:
         self.close()
+        self._torn = False
         if self.backups <= 0:
-            open(self.path, "wb").close()
+            os.truncate(self.path, 0)
             return
         for index in range(self.backups - 1, 0, -1):
             if os.path.exists(f"{self.path}.{index}"):
@@ -127,8 +141,13 @@ class Stream:
     def __init__(self, fd: int, header: dict[str, Any]) -> None:
         self.fd = fd
         self.key = header["id"]
-        self.state = str(header["state"])
-        self.writer = RotatingWriter(str(header["log"]), int(header["max_bytes"]), int(header["backups"]))
+        self.state = header["state"]
+        log, max_bytes, backups = header["log"], header["max_bytes"], header["backups"]
+        if not (isinstance(self.key, int) and isinstance(self.state, str) and isinstance(log, str)):
+            raise TypeError("id must be a number, log and state paths")
+        if not (isinstance(max_bytes, int) and isinstance(backups, int)):
+            raise TypeError("max_bytes and backups must be whole numbers")
+        self.writer = RotatingWriter(log, max_bytes, backups)
         self.tail: deque[str] = deque(maxlen=TAIL_LINES)
         self.pending = b""
         self.published = 0.0
@@ -157,34 +176,40 @@ class Stream:
         stamp = utc_stamp(now)
         for line in lines:
             self.writer.write(stamp + line + b"\n", now)
-            self.tail.append(line.decode(errors="replace"))
+            self.tail.append(line[:TAIL_LINE_MAX].decode(errors="replace"))
         self.dirty = True
 
     def finish(self, now: float) -> None:
         """The pipe ended: write the unterminated last line, publish, close the file and the pipe."""
         if self.pending:
             self.writer.write(utc_stamp(now) + self.pending + b"\n", now)
-            self.tail.append(self.pending.decode(errors="replace"))
+            self.tail.append(self.pending[:TAIL_LINE_MAX].decode(errors="replace"))
             self.pending = b""
         self.publish(now)
         self.writer.close()
         with contextlib.suppress(OSError):
             os.close(self.fd)
 
-    def publish(self, now: float) -> None:
-        """Write the state file atomically (no fsync: it only describes the running instance)."""
-        data = {
+    def counts(self) -> dict[str, Any]:
+        """Lines written and dropped, and the last write error."""
+        return {
             "lines": self.writer.lines,
             "dropped_lines": self.writer.dropped_lines,
             "last_error": self.writer.last_error,
-            "tail": list(self.tail),
         }
+
+    def publish(self, now: float) -> None:
+        """Write the state file atomically (no fsync: it only describes the running instance). It lives next to
+        the log, so it fails when the log does: the agent gets the counts over the control socket as well."""
         head, name = os.path.split(self.state)
         tmp = os.path.join(head, f".{name}.tmp")
-        with contextlib.suppress(OSError):
+        try:
             with open(tmp, "w", encoding="utf-8") as handle:
-                handle.write(json.dumps(data))
+                handle.write(json.dumps({**self.counts(), "tail": list(self.tail)}))
             os.replace(tmp, self.state)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
         self.published = now
         self.dirty = False
 
@@ -220,6 +245,7 @@ class LogWriter:
             for stream in list(self.streams.values()):
                 if stream.dirty and now - stream.published >= STATE_EVERY_S:
                     stream.publish(now)
+                    self._reply({"op": "state", "id": stream.key, **stream.counts()})
 
     def _on_hup(self, signum: int, frame: object) -> None:
         self.reopen_all = True
@@ -245,7 +271,7 @@ class LogWriter:
         self.poll.unregister(stream.fd)
         del self.streams[stream.fd]
         stream.finish(now)
-        self._reply({"op": "closed", "id": stream.key})
+        self._reply({"op": "closed", "id": stream.key, **stream.counts()})
 
     def _on_control(self) -> None:
         assert self.control is not None
@@ -278,9 +304,13 @@ class LogWriter:
         except (ValueError, KeyError, TypeError):
             op, message = None, {}
         if op == "open" and len(fds) == 1:
-            stream = Stream(fds.pop(), message)
-            self.streams[stream.fd] = stream
-            self.poll.register(stream.fd, select.EPOLLIN)
+            try:
+                stream = Stream(fds[0], message)
+                self.poll.register(stream.fd, select.EPOLLIN)  # refuses what is not a pipe or socket
+            except (OSError, ValueError, KeyError, TypeError):
+                pass  # not something the agent sends: the descriptor is closed below
+            else:
+                self.streams[fds.pop()] = stream
         elif op in ("reopen", "drop"):
             for stream in list(self.streams.values()):
                 if stream.key == message.get("id"):

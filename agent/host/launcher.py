@@ -74,6 +74,10 @@ class Launcher(Protocol):
 
     async def open_log(self, spec: LogSpec) -> LogPipe: ...
 
+    async def adopt_log(self, spec: LogSpec, pid: int) -> LogPipe | None:
+        """A share in the output pipe of `pid`, adopted from a previous agent (None when it cannot be opened)."""
+        ...
+
     async def spawn(self, argv: Sequence[str], env: Mapping[str, str], cwd: str | None, log: LogPipe) -> Child: ...
 
 
@@ -284,6 +288,10 @@ class ProcessLauncher:
     async def open_log(self, spec: LogSpec) -> LogPipe:
         """Check the log file can be written and hand a new pipe to the agent's log writer."""
         return await self.log_writer.open(spec)
+
+    async def adopt_log(self, spec: LogSpec, pid: int) -> LogPipe | None:
+        """A share in the output pipe of an adopted process; the previous agent's writer drains it while it lives."""
+        return await self.log_writer.adopt(spec, pid)
 
     async def spawn(self, argv: Sequence[str], env: Mapping[str, str], cwd: str | None, log: LogPipe) -> Child:
         tag = uuid.uuid4().hex

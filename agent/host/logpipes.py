@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -52,16 +53,19 @@ class LogPipe:
 
     def __init__(self, spec: LogSpec, write_fd: int, writer: LogWriter, key: int) -> None:
         self.spec = spec
-        self.write_fd = write_fd
+        self.write_fd = write_fd  # -1 for an adopted instance's pipe: only its processes write to it
         self._writer = writer
         self._key = key
         # A second, non-blocking open of the same pipe for the agent's own header lines: O_NONBLOCK on the
         # shared descriptor would also make the children's writes non-blocking.
-        self._header_fd = os.open(f"/proc/self/fd/{write_fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        self._header_fd = (
+            os.open(f"/proc/self/fd/{write_fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC) if write_fd >= 0 else -1
+        )
+        self._counts: dict[str, Any] | None = None
 
     @property
     def alive(self) -> bool:
-        """False once closed (a new pipe is opened at the next start)."""
+        """False once closed, or for an adopted instance's pipe (a new pipe is opened at the next start)."""
         return self.write_fd >= 0
 
     def write_line(self, text: str) -> None:
@@ -71,15 +75,23 @@ class LogPipe:
 
     def reopen(self) -> None:
         """Ask the writer to reopen the file (after an external logrotate moved it)."""
-        self._writer.send({"op": "reopen", "id": self._key})
+        self._writer.reopen(self._key)
+
+    @property
+    def counts(self) -> dict[str, Any] | None:
+        """What the writer last reported (lines, dropped_lines, last_error), kept after the close; None before its
+        first report."""
+        self._counts = self._writer.counts(self._key) or self._counts
+        return self._counts
 
     async def close(self) -> None:
         """Close our ends; returns once the writer has drained the rest (the instance's processes are gone)."""
         for fd in (self._header_fd, self.write_fd):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
         self._header_fd = self.write_fd = -1
-        await self._writer.release(self._key)
+        self._counts = await self._writer.release(self._key) or self._counts
 
 
 @dataclass
@@ -92,6 +104,15 @@ class _Held:
     drained: asyncio.Future[None]
     sent: bool = False
     sent_before: bool = False
+    #: The writer's last report: lines written and dropped, the last write error (None before the first).
+    counts: dict[str, Any] | None = None
+    #: A pidfd of the previous agent's writer while it still drains this (adopted) pipe: not sent to ours until
+    #: it exits, so two readers never split a line.
+    parked: int | None = None
+
+
+class _WriterGone(Exception):
+    """The writer's control socket is broken: it has exited or is exiting."""
 
 
 class LogWriter:
@@ -110,7 +131,7 @@ class LogWriter:
         self._next_key = 0
         self._lock = asyncio.Lock()
         self._watchers: set[asyncio.Task[None]] = set()
-        self._started_at = 0.0
+        self._started_at = -RESTART_DELAY_S
         self.restarts = 0
 
     @property
@@ -130,39 +151,114 @@ class LogWriter:
         self._held[key] = _Held(spec, read_end, asyncio.get_running_loop().create_future())
         try:
             async with self._lock:
-                if self._process is None:
-                    await self._start()  # sends every pipe not yet sent, this one included
-                elif not self._held[key].sent:
-                    self._send_open(key)
+                await self._deliver()
         except SpawnError:
             self._forget(key)
             os.close(write_end)
             raise
         return LogPipe(spec, write_end, self, key)
 
-    def send(self, message: dict[str, Any], fds: Sequence[int] = ()) -> bool:
-        """One control message to the writer; False when it cannot take it now."""
+    def counts(self, key: int) -> dict[str, Any] | None:
+        """The writer's last report on a pipe (lines, dropped_lines, last_error); None before its first."""
+        held = self._held.get(key)
+        return held.counts if held is not None else None
+
+    def send(self, message: dict[str, Any]) -> bool:
+        """A control message without descriptors, if the writer can take it now (False otherwise)."""
         if self._control is None:
             return False
-        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _fd_bytes(fds))] if fds else []
         try:
-            self._control.sendmsg([json.dumps(message).encode()], ancillary)
+            self._control.send(json.dumps(message).encode())
         except OSError:
-            return False  # gone (the watcher restarts it) or not reading (a hung disk)
+            return False  # gone (its watcher starts a new one) or not reading (a hung disk)
         return True
 
-    async def release(self, key: int) -> None:
-        """Wait until the writer has drained the pipe (every writer of it closed); stop the writer after the last."""
+    def reopen(self, key: int) -> None:
+        """Make the writer draining pipe `key` reopen its file (the previous agent's writer, for an adopted pipe it
+        still drains: SIGHUP makes it reopen all of its files)."""
+        held = self._held.get(key)
+        if held is not None and held.parked is not None:
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(held.parked, signal.SIGHUP)
+        else:
+            self.send({"op": "reopen", "id": key})
+
+    async def adopt(self, spec: LogSpec, pid: int) -> LogPipe | None:
+        """Take a share in the output pipe of `pid`, a process a previous agent started and this one adopts: a read
+        end of our own (from /proc/PID/fd/1), so the service never gets SIGPIPE while this agent lives, even if the
+        previous agent's writer dies. That writer goes on draining the pipe; once it has exited, ours takes over
+        (counters resumed from the state file). None when the pipe cannot be opened (nothing changes then)."""
+        try:
+            read_fd = os.open(f"/proc/{pid}/fd/1", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return None
+        info = os.fstat(read_fd)
+        if not stat.S_ISFIFO(info.st_mode):
+            os.close(read_fd)
+            return None
+        key, self._next_key = self._next_key, self._next_key + 1
+        held = _Held(spec, read_fd, asyncio.get_running_loop().create_future(), sent_before=True)
+        self._held[key] = held
+        for reader in await asyncio.to_thread(_pipe_readers, info.st_ino, {os.getpid(), pid}):
+            with contextlib.suppress(OSError):
+                held.parked = os.pidfd_open(reader)
+                break
+        if held.parked is None:  # no writer drains it any more: ours does
+            async with self._lock:
+                await self._deliver()
+        else:
+            watcher = asyncio.create_task(self._take_over(key, held.parked))
+            self._watchers.add(watcher)
+            watcher.add_done_callback(self._watchers.discard)
+        return LogPipe(spec, -1, self, key)
+
+    async def _take_over(self, key: int, pidfd: int) -> None:
+        """Hand an adopted pipe to our writer once the previous agent's writer has exited."""
+        await _ready(pidfd)  # a pidfd reads ready when its process has exited
+        held = self._held.get(key)
+        if held is None or held.parked != pidfd:
+            return  # released meanwhile
+        os.close(pidfd)
+        held.parked = None
+        log.info("the previous agent's log writer has exited; ours drains the adopted pipe", log=str(held.spec.path))
+        async with self._lock:
+            with contextlib.suppress(SpawnError):
+                await self._deliver()
+
+    async def release(self, key: int) -> dict[str, Any] | None:
+        """Wait until the writer has drained the pipe (every writer of it closed); stop the writer after the last.
+        Returns the writer's final counts for the pipe."""
         held = self._held.get(key)
         if held is None:
-            return
+            return None
+        if held.parked is not None:  # the previous agent's writer drains it to the end
+            self._forget(key)
+            return None
         try:
             await asyncio.wait_for(asyncio.shield(held.drained), DRAIN_TIMEOUT_S)
         except TimeoutError:  # a process we could not find still holds the pipe: stop logging it
             self.send({"op": "drop", "id": key})
             self._forget(key)
         if not self._held:
-            await self._stop()
+            async with self._lock:
+                if not self._held:
+                    await self._stop()
+        return held.counts
+
+    async def _deliver(self) -> None:
+        """Hand every pipe not yet sent to the writer, starting one (or a new one, if it has just died) as needed.
+        Called with the lock held."""
+        for _attempt in range(2):
+            if self._process is None:
+                await self._start()
+            try:
+                for key, held in list(self._held.items()):
+                    if not held.sent and held.parked is None:
+                        await self._send_open(key, held)
+                return
+            except _WriterGone:  # died before its watcher noticed: replace it now, the pipes are still ours
+                self._discard_writer()
+        raise SpawnError("the log writer exits as soon as it starts")
 
     async def _start(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -184,15 +280,13 @@ class LogWriter:
         self._process, self._control = process, ours
         self._started_at = asyncio.get_running_loop().time()
         asyncio.get_running_loop().add_reader(ours.fileno(), self._on_reply, ours)
-        watcher = asyncio.create_task(self._watch(process, ours))
+        watcher = asyncio.create_task(self._watch(process))
         self._watchers.add(watcher)
         watcher.add_done_callback(self._watchers.discard)
-        for key, held in list(self._held.items()):
-            if not held.sent:
-                self._send_open(key)
 
-    def _send_open(self, key: int) -> None:
-        held = self._held[key]
+    async def _send_open(self, key: int, held: _Held) -> None:
+        """Send one pipe, waiting (bounded) while the writer's socket is full: a new writer is sent every open pipe
+        at once, before it reads any."""
         header = {
             "op": "open",
             "id": key,
@@ -202,8 +296,23 @@ class LogWriter:
             "backups": held.spec.backups,
             "resume": held.sent_before,
         }
-        if not self.send(header, [held.read_fd]):
-            raise SpawnError("the log writer is not taking new pipes (not running or not reading)")
+        data = [json.dumps(header).encode()]
+        fds = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _fd_bytes([held.read_fd]))]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DRAIN_TIMEOUT_S
+        while True:
+            control = self._control
+            if control is None:
+                raise _WriterGone
+            try:
+                control.sendmsg(data, fds)
+                break
+            except BlockingIOError:
+                if loop.time() > deadline:
+                    raise SpawnError("the log writer is not taking new pipes (not reading)") from None
+                await _ready(control.fileno(), writable=True, within_s=deadline - loop.time())
+            except OSError:
+                raise _WriterGone from None
         held.sent = held.sent_before = True
 
     def _on_reply(self, control: socket.socket) -> None:
@@ -219,25 +328,31 @@ class LogWriter:
                 return
             with contextlib.suppress(ValueError, KeyError, TypeError):
                 message = json.loads(data)
+                held = self._held.get(int(message["id"]))
+                if held is None:
+                    continue
+                held.counts = {name: message.get(name) for name in ("lines", "dropped_lines", "last_error")}
                 if message["op"] == "closed":
-                    held = self._forget(int(message["id"]))
-                    if held is not None and not held.drained.done():
+                    self._forget(int(message["id"]))
+                    if not held.drained.done():
                         held.drained.set_result(None)
 
     def _forget(self, key: int) -> _Held | None:
         held = self._held.pop(key, None)
         if held is not None:
-            with contextlib.suppress(OSError):
-                os.close(held.read_fd)
+            for fd in (held.read_fd, held.parked):
+                if fd is not None:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+            held.parked = None
         return held
 
-    async def _watch(self, process: asyncio.subprocess.Process, control: socket.socket) -> None:
-        """Start the writer again if it dies while it still has pipes to drain."""
+    async def _watch(self, process: asyncio.subprocess.Process) -> None:
+        """Start the writer again if it dies while it still has pipes to drain (at most once a second)."""
         code = await process.wait()
-        if self._control is not control:
-            return  # told to exit
-        self._drop_control()
-        self._process = None
+        if self._process is not process:
+            return  # told to exit, or already replaced
+        self._discard_writer()
         if not self._held:
             return
         self.restarts += 1
@@ -247,12 +362,17 @@ class LogWriter:
         async with self._lock:
             if self._process is not None or not self._held:
                 return
-            for held in self._held.values():
-                held.sent = False
             try:
-                await self._start()
+                await self._deliver()
             except SpawnError as exc:
                 log.error("the log writer cannot be started again", error=str(exc))
+
+    def _discard_writer(self) -> None:
+        """Forget a writer that has died: every pipe it held is to be sent to the next one."""
+        self._drop_control()
+        self._process = None
+        for held in self._held.values():
+            held.sent = False
 
     async def _stop(self) -> None:
         """No pipe left: close the control socket; the writer exits (killed if it does not within the timeout)."""
@@ -276,5 +396,46 @@ class LogWriter:
             control.close()
 
 
+async def _ready(fd: int, writable: bool = False, within_s: float | None = None) -> None:
+    """Wait until `fd` can be read (or written), or `within_s` seconds pass."""
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def callback() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    (loop.add_writer if writable else loop.add_reader)(fd, callback)
+    try:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(ready, None if within_s is None else max(0.0, within_s))
+    finally:
+        (loop.remove_writer if writable else loop.remove_reader)(fd)
+
+
 def _fd_bytes(fds: Sequence[int]) -> bytes:
     return b"".join(fd.to_bytes(4, sys.byteorder) for fd in fds)
+
+
+#: The scripts that drain a previous agent's pipes: this release's writer, and the per-instance writer of
+#: releases before it (an upgrade adopts what they started).
+WRITER_SCRIPTS = (b"/agent/logwriter.py", b"/agent/logshim.py")
+
+
+def _pipe_readers(inode: int, skip: set[int], proc: str = "/proc") -> list[int]:
+    """The log writers (of any agent, from any install path) holding the pipe with this inode: the previous agent's
+    writer of an adopted instance. Reads the descriptors of log-writer processes only."""
+    target = f"pipe:[{inode}]"
+    found = []
+    for entry in os.listdir(proc):
+        if not entry.isdigit() or int(entry) in skip:
+            continue
+        try:
+            with open(f"{proc}/{entry}/cmdline", "rb") as handle:
+                if not any(arg.endswith(WRITER_SCRIPTS) for arg in handle.read().split(b"\0")):
+                    continue
+            if any(os.readlink(f"{proc}/{entry}/fd/{fd}") == target for fd in os.listdir(f"{proc}/{entry}/fd")):
+                found.append(int(entry))
+        except OSError:
+            continue
+    return found

@@ -7,7 +7,7 @@ import contextlib
 import random
 import signal
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -103,7 +103,7 @@ class ManagedService:
 
     def reopen_log(self) -> bool:
         """Make the instance's log writer reopen its file; False when it has none running."""
-        if self._output is None or not self._output.alive:
+        if self._output is None:
             return False
         self._output.reopen()
         return True
@@ -160,7 +160,7 @@ class ManagedService:
             "last_exit_code": self.last_exit_code,
             "capabilities": list(self.spec.capabilities),
             "required": self.spec.required,
-            "log": {"path": str(self.spec.log_path), **_log_state(self.spec.log_path)},
+            "log": {"path": str(self.spec.log_path), **self._log_counts()},
         }
 
     def _next_start_in(self, now: float) -> float | None:
@@ -180,6 +180,7 @@ class ManagedService:
     _log_offset: int = 0
     _notify: NotifyListener | None = None
     _output: LogPipe | None = None
+    _last_log_counts: dict[str, Any] | None = None
     _adopting: bool = False
 
     def _set(self, new: ServiceState, reason: str | None = None) -> None:
@@ -268,18 +269,23 @@ class ManagedService:
         except OSError:
             self._log_offset = 0
         self._adopting = False
-        child = self._adopted() if self._adopt is not None else await self._spawn()
+        child = await self._adopted() if self._adopt is not None else await self._spawn()
         if child is None:
             return policy.ExitFacts(None, False, None, self._monotonic())
         return await self._supervise_child(child)
 
-    def _adopted(self) -> Child:
-        """Take over the survivor a previous agent left (first run only); readiness is checked as for a start."""
+    async def _adopted(self) -> Child:
+        """Take over the survivor a previous agent left (first run only), and a share in its output pipe; readiness
+        is checked as for a start."""
         survivor, self._adopt = self._adopt, None
         assert survivor is not None
         self._adopting = True
         log.info("adopted a running instance left by the previous agent", instance=self.spec.name, pid=survivor.pid)
+        self._output = await self._launcher.adopt_log(self._log_spec(), survivor.pid)
         return AdoptedChild(survivor.pid, survivor.tag, survivor.create_time)
+
+    def _log_spec(self) -> LogSpec:
+        return LogSpec(self.spec.log_path, self.spec.log_max_bytes, self.spec.log_backups)
 
     async def _spawn(self) -> Child | None:
         """Start the process; None (with last_error set) when the OS refuses."""
@@ -288,10 +294,11 @@ class ManagedService:
         if self._notify is not None:
             env["NOTIFY_SOCKET"] = self._notify.env_value
         try:
-            if self._output is None or not self._output.alive:
-                self._output = await self._launcher.open_log(
-                    LogSpec(self.spec.log_path, self.spec.log_max_bytes, self.spec.log_backups)
-                )
+            if self._output is not None and not self._output.alive:  # an adopted instance's pipe
+                self._background(self._output.close())
+                self._output = None
+            if self._output is None:
+                self._output = await self._launcher.open_log(self._log_spec())
             self._output.write_line(f"=== emp-agent: start #{self._starts} of {self.spec.name}")
             if "EMP_CAPABILITIES_FILE" in self.spec.env and self.spec.matcher_view is not None:
                 write_capabilities_file(self.spec, self.spec.env.get("EMP_MACHINE_ID", ""))
@@ -363,6 +370,16 @@ class ManagedService:
         if self._output is not None:
             output, self._output = self._output, None
             await output.close()
+            self._last_log_counts = output.counts
+
+    def _log_counts(self) -> dict[str, Any]:
+        """Dropped lines and the last log error: as the log writer last reported them to us (its state file sits
+        next to the log, so it cannot be written when the log cannot), else from that file (an adopted instance,
+        or none started yet)."""
+        counts = self._output.counts if self._output is not None else self._last_log_counts
+        if counts is None:
+            return _log_state(self.spec.log_path)
+        return {"dropped_lines": counts.get("dropped_lines") or 0, "last_error": counts.get("last_error")}
 
     def _close_notify(self) -> None:
         if self._notify is not None:
@@ -470,7 +487,11 @@ class ManagedService:
         if not child.group_empty():
             await self._reap_leftovers(child)
             return
-        task = asyncio.create_task(self._reap_leftovers(child))
+        self._background(self._reap_leftovers(child))
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` beside supervision; `stop()` waits for it."""
+        task = asyncio.create_task(work)
         self._sweepers.add(task)
         task.add_done_callback(self._sweepers.discard)
 

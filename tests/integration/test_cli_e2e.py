@@ -388,6 +388,52 @@ def test_agent_restarted_after_sigkill_adopts_survivors_and_replaces_changed_one
     assert not alive(after["emp-registry"]["pid"])
 
 
+def ticks(log: Path) -> list[int]:
+    """The numbers of ticker.py's lines in its log."""
+    return [int(line.rsplit(b" ", 1)[1]) for line in log.read_bytes().splitlines() if b" tick " in line]
+
+
+@pytest.mark.slow
+def test_an_adopted_service_keeps_its_log_when_the_previous_agents_writer_dies(agent_dirs: Path) -> None:
+    """After an agent SIGKILL the previous agent's log writer goes on draining the adopted service's output, and
+    `reopen-logs` reaches it; when that writer is killed too, the service (which dies of SIGPIPE) lives on, the
+    new agent's writer takes its pipe over, and the lines keep coming into the same file."""
+    profile = agent_dirs / "ticker.toml"
+    profile.write_text(f'[services.ticker]\ncommand = ["{sys.executable}", "{PROGRAMS / "ticker.py"}"]\n')
+    log = agent_dirs / "log" / "ticker.log"
+    first = AgentProcess(agent_dirs, profile)
+    try:
+        pid = service(first.wait_phase("ready"), "ticker")["pid"]
+        writers = [
+            p.pid for p in psutil.Process(first.process.pid).children() if "logwriter.py" in " ".join(p.cmdline())
+        ]
+        first.process.kill()
+        first.process.wait(30)
+    finally:
+        first.log.close()
+    assert 1 == len(writers)
+    second = AgentProcess(agent_dirs, profile)
+    try:
+        assert pid == service(second.wait_phase("ready"), "ticker")["pid"]
+        log.rename(log.with_name("ticker.log.rotated"))
+        assert 0 == second.cli("reopen-logs", "ticker").returncode
+        wait_until(lambda: log.exists() and len(ticks(log)) >= 10, 30, what="lines in the reopened file")
+
+        os.kill(writers[0], signal.SIGKILL)
+        seen = ticks(log)[-1]
+        wait_until(lambda: ticks(log)[-1] > seen + 50, 30, interval=0.1, what="lines after the writer died")
+        status = second.status()
+        pids = family(second.process.pid)
+    finally:
+        assert 0 == second.stop()
+
+    assert status is not None
+    assert (pid, 0) == (service(status, "ticker")["pid"], service(status, "ticker")["restarts"])
+    numbers = ticks(log)
+    assert numbers == sorted(set(numbers))
+    assert [] == [p for p in pids if alive(p)]
+
+
 @pytest.mark.slow
 def test_one_agent_per_state_dir_and_sighup_stops_cleanly(agent_dirs: Path) -> None:
     """A second agent on the same state dir is refused before touching anything; SIGHUP (a closed SSH

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -14,7 +15,7 @@ from pathlib import Path
 import psutil
 
 from agent.host.launcher import ProcessLauncher
-from agent.host.logpipes import LOGWRITER_ARGV, LogPipe, LogSpec
+from agent.host.logpipes import LOGWRITER_ARGV, LogPipe, LogSpec, LogWriter
 from tests.helpers import await_until, wait_until
 
 #: Prints a numbered line every 10 ms until killed; SIGPIPE kills it (the default), so a pipe without a reader shows.
@@ -42,6 +43,14 @@ def hand_pipe(control: socket.socket, key: int, log: Path) -> int:
     return write_end
 
 
+def until_closed(control: socket.socket) -> dict[str, object]:
+    """Read the writer's messages (`state` reports) until its `closed` answer, which is returned."""
+    control.settimeout(30)
+    while (message := json.loads(control.recv(4096)))["op"] != "closed":
+        assert "state" == message["op"], message
+    return message  # type: ignore[no-any-return]
+
+
 def writer_pids() -> set[int]:
     """The log writers running on this machine that this test process started (directly or not)."""
     me = psutil.Process()
@@ -66,9 +75,8 @@ def test_the_writer_speaks_its_protocol_and_imports_only_what_it_needs(tmp_path:
     write_end = hand_pipe(ours, 7, log)
     os.write(write_end, b"hello\nunterminated")
     os.close(write_end)
-    ours.settimeout(30)
 
-    assert {"op": "closed", "id": 7} == json.loads(ours.recv(4096))
+    assert {"op": "closed", "id": 7, "lines": 2, "dropped_lines": 0, "last_error": None} == until_closed(ours)
     ours.close()
     _, err = writer.communicate(timeout=30)
 
@@ -118,18 +126,19 @@ def test_one_writer_serves_every_instance_and_exits_after_the_last(tmp_path: Pat
 
     async def scenario() -> tuple[set[int], set[int], list[bytes], int | None]:
         launcher = ProcessLauncher()
+        others = writer_pids()  # a writer another test left draining
         pipes: list[LogPipe] = []
         children = []
         for name in ("a", "b", "c"):
             pipe = await launcher.open_log(LogSpec(tmp_path / f"{name}.log"))
             pipes.append(pipe)
             children.append(await launcher.spawn([sys.executable, "-c", f"print('{name}')"], {}, None, pipe))
-        during = writer_pids()
+        during = writer_pids() - others
         for child in children:
             await child.wait()
         for pipe in pipes:
             await pipe.close()
-        after = writer_pids()
+        after = writer_pids() - others
         contents = [(tmp_path / f"{name}.log").read_bytes() for name in ("a", "b", "c")]
         again = await launcher.open_log(LogSpec(tmp_path / "d.log"))
         new_pid = launcher.log_writer.pid
@@ -181,3 +190,113 @@ def test_a_killed_writer_is_restarted_and_the_service_never_sees_a_broken_pipe(t
     assert ticks == sorted(set(ticks))
     assert ticks[-1] + 1 - len(ticks) <= 3
     assert published > len(ticks) - seen  # more than the new writer wrote: it started from the old one's count
+
+
+def raise_fd_limit(wanted: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard), hard))
+
+
+def test_a_restarted_writer_gets_every_pipe_even_more_than_its_socket_holds_at_once(tmp_path: Path) -> None:
+    """400 open pipes with long paths (more headers than the control socket's buffer holds): after a SIGKILL of
+    the writer the new one is handed every pipe, waiting for room as it reads, and each pipe's next line still
+    reaches its file."""
+    raise_fd_limit(4096)
+    logs = [tmp_path / f"{'x' * 200}-{n:03d}.log" for n in range(400)]
+
+    async def scenario() -> list[bytes]:
+        writer = LogWriter()
+        pipes = [await writer.open(LogSpec(path)) for path in logs]
+        old = writer.pid
+        assert old is not None
+        os.kill(old, signal.SIGKILL)
+        await await_until(lambda: writer.pid not in (None, old), 30, what="a new writer")
+        for pipe in pipes:
+            os.write(pipe.write_fd, b"after the restart\n")
+        for pipe in pipes:
+            await pipe.close()
+        return [path.read_bytes() for path in logs]
+
+    contents = asyncio.run(scenario())
+
+    assert [] == [path.name[-7:] for path, content in zip(logs, contents, strict=True) if b"after" not in content]
+
+
+def test_a_pipe_opened_just_after_the_writer_died_goes_to_a_new_one(tmp_path: Path) -> None:
+    """The writer is dead but its watcher has not run yet: a start opening its log gets a new writer instead of
+    failing (a failed start would count towards the crash-loop limit)."""
+
+    async def scenario() -> tuple[int | None, int | None, bytes]:
+        writer = LogWriter()
+        first = await writer.open(LogSpec(tmp_path / "a.log"))
+        old = writer.pid
+        assert old is not None
+        os.kill(old, signal.SIGKILL)
+        wait_until(lambda: psutil.Process(old).status() == psutil.STATUS_ZOMBIE, what="the writer dead")  # no yield
+        second = await writer.open(LogSpec(tmp_path / "b.log"))
+        os.write(second.write_fd, b"second\n")
+        new = writer.pid
+        await second.close()
+        await first.close()
+        return old, new, (tmp_path / "b.log").read_bytes()
+
+    old, new, content = asyncio.run(scenario())
+
+    assert new not in (None, old)
+    assert content.endswith(b"Z second\n")
+
+
+def test_status_reports_dropped_lines_when_not_even_the_state_file_can_be_written(tmp_path: Path) -> None:
+    """Every log write fails and so does the state file next to the log (here: a directory in the way of its
+    temporary file, as on a full or read-only disk): the counts still reach the agent over the control socket,
+    live and after the pipe is closed."""
+    log = tmp_path / "svc.log"
+    log.symlink_to("/dev/full")
+    spec = LogSpec(log)
+    (tmp_path / f".{spec.state_path.name}.tmp").mkdir()
+
+    async def scenario() -> tuple[dict[str, object] | None, dict[str, object] | None]:
+        writer = LogWriter()
+        pipe = await writer.open(spec)
+        for n in range(100):
+            os.write(pipe.write_fd, b"line %d\n" % n)
+        live = await await_until(lambda: (c := pipe.counts) and c["dropped_lines"] == 100 and c, what="live counts")
+        await pipe.close()
+        return live, pipe.counts
+
+    live, final = asyncio.run(scenario())
+
+    assert live is not None
+    assert final is not None
+    assert (100, f"{log}: No space left on device") == (live["dropped_lines"], live["last_error"])
+    assert 100 == final["dropped_lines"]
+    assert not spec.state_path.exists()
+
+
+def test_messages_the_agent_never_sends_do_not_stop_the_writer(tmp_path: Path) -> None:
+    """A header with wrong types, a regular file instead of a pipe, garbage and an unknown op are ignored (their
+    descriptors closed); the pipe that follows is written as usual, and its tail keeps at most 2 KiB of a line."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    writer = subprocess.Popen(LOGWRITER_ARGV, stdin=theirs)
+    theirs.close()
+    read_end, write_end = os.pipe()
+    socket.send_fds(ours, [open_message(1, tmp_path / "x.log", max_bytes="big")], [read_end])
+    with (tmp_path / "file").open("wb") as regular:
+        socket.send_fds(ours, [open_message(2, tmp_path / "y.log")], [regular.fileno()])
+    ours.send(b"\xff not json")
+    ours.send(b'{"op": "explode", "id": 3}')
+    log = tmp_path / "z.log"
+    good = hand_pipe(ours, 4, log)
+    os.write(good, b"a" * 10_000 + b"\nok\n")
+    os.close(good)
+
+    assert 4 == until_closed(ours)["id"]
+    ours.close()
+    assert 0 == writer.wait(30)
+    os.close(read_end)
+    os.close(write_end)
+    assert log.read_bytes().endswith(b"Z ok\n")
+    assert not (tmp_path / "x.log").exists()
+    assert not (tmp_path / "y.log").exists()
+    assert [2048, 2] == [len(line) for line in json.loads(LogSpec(log).state_path.read_text())["tail"]]
