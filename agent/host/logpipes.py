@@ -107,8 +107,9 @@ class _Held:
     #: The writer's last report: lines written and dropped, the last write error (None before the first).
     counts: dict[str, Any] | None = None
     #: A pidfd of the previous agent's writer while it still drains this (adopted) pipe: not sent to ours until
-    #: it exits, so two readers never split a line.
+    #: it exits, so two readers never split a line. The task waiting for that exit owns (and closes) the pidfd.
     parked: int | None = None
+    taker: asyncio.Task[None] | None = None
 
 
 class _WriterGone(Exception):
@@ -205,21 +206,19 @@ class LogWriter:
                 break
         if held.parked is None:  # no writer drains it any more: ours does
             async with self._lock:
-                await self._deliver()
+                with contextlib.suppress(SpawnError):  # kept: the next delivery sends it; the service is not failed
+                    await self._deliver()
         else:
-            watcher = asyncio.create_task(self._take_over(key, held.parked))
-            self._watchers.add(watcher)
-            watcher.add_done_callback(self._watchers.discard)
+            held.taker = asyncio.create_task(self._take_over(held, held.parked))
         return LogPipe(spec, -1, self, key)
 
-    async def _take_over(self, key: int, pidfd: int) -> None:
+    async def _take_over(self, held: _Held, pidfd: int) -> None:
         """Hand an adopted pipe to our writer once the previous agent's writer has exited."""
-        await _ready(pidfd)  # a pidfd reads ready when its process has exited
-        held = self._held.get(key)
-        if held is None or held.parked != pidfd:
-            return  # released meanwhile
-        os.close(pidfd)
-        held.parked = None
+        try:
+            await _ready(pidfd)  # a pidfd reads ready when its process has exited
+        finally:
+            held.parked = held.taker = None
+            os.close(pidfd)
         log.info("the previous agent's log writer has exited; ours drains the adopted pipe", log=str(held.spec.path))
         async with self._lock:
             with contextlib.suppress(SpawnError):
@@ -340,11 +339,10 @@ class LogWriter:
     def _forget(self, key: int) -> _Held | None:
         held = self._held.pop(key, None)
         if held is not None:
-            for fd in (held.read_fd, held.parked):
-                if fd is not None:
-                    with contextlib.suppress(OSError):
-                        os.close(fd)
-            held.parked = None
+            with contextlib.suppress(OSError):
+                os.close(held.read_fd)
+            if held.taker is not None:
+                held.taker.cancel()  # it closes the pidfd
         return held
 
     async def _watch(self, process: asyncio.subprocess.Process) -> None:
