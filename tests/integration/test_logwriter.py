@@ -18,16 +18,8 @@ from agent.host.launcher import ProcessLauncher
 from agent.host.logpipes import LOGWRITER_ARGV, LogPipe, LogSpec, LogWriter
 from tests.helpers import await_until, wait_until
 
-#: Prints a numbered line every 10 ms until killed; SIGPIPE kills it (the default), so a pipe without a reader shows.
-TICKER = """
-import signal, sys, time
-signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-n = 0
-while True:
-    print(f"tick {n}", flush=True)
-    n += 1
-    time.sleep(0.01)
-"""
+#: Prints a numbered line every 20 ms; SIGPIPE kills it, so a pipe without a reader shows.
+TICKER = Path(__file__).resolve().parent.parent / "programs" / "ticker.py"
 
 
 def open_message(key: int, log: Path, **extra: object) -> bytes:
@@ -167,7 +159,7 @@ def test_a_killed_writer_is_restarted_and_the_service_never_sees_a_broken_pipe(t
     async def scenario() -> tuple[list[int], int, bool, int, int]:
         launcher = ProcessLauncher()
         pipe = await launcher.open_log(LogSpec(log_path))
-        child = await launcher.spawn([sys.executable, "-c", TICKER], {}, None, pipe)
+        child = await launcher.spawn([sys.executable, str(TICKER)], {}, None, pipe)
         await await_until(lambda: len(numbers()) >= 20, what="20 ticks logged")
         state_path = LogSpec(log_path).state_path
         await await_until(lambda: state_path.exists(), what="the state published")
