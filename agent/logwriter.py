@@ -4,9 +4,10 @@ service.
 
 Run by the agent (`agent/host/logpipes.py`) as `python -I -S .../agent/logwriter.py`, in a session of its own, with
 a unix SEQPACKET socket as standard input. Over it the agent hands each instance's pipe (SCM_RIGHTS) with a JSON
-header naming the log file, the state file and the rotation; the writer answers `closed` once a pipe has no
-writer left and its last line is on disk. When the agent goes away (a crash, an upgrade) the writer keeps
-draining the pipes it holds, so adopted services keep their logs, and exits after the last one ends.
+header naming the log file, the state file and the rotation; the writer reports each pipe's counts (`state`, at
+most once a second) and answers `closed` once a pipe has no writer left and its last line is on disk. When the
+agent goes away (a crash, an upgrade) the writer keeps draining the pipes it holds, so adopted services keep their
+logs, and exits after the last one ends.
 
 A write failure (disk full, read-only file system) drops the line, counts it, and is retried at most once a second;
 the counters, the last error and the tail are published in a small JSON state file next to each log, at most once

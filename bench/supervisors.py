@@ -29,6 +29,8 @@ from typing import Any
 
 import psutil
 
+from agent.host.launcher import descendants
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 CHILD = HERE / "child.py"
@@ -36,34 +38,14 @@ TOOLS = HERE / ".tools"
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def tree(root: int) -> set[int]:
-    """`root`'s descendants, from the kernel's per-thread children lists: only their own /proc entries are read, so
-    the poll that times a restart costs well under a millisecond and barely competes with the supervisor it
-    measures (psutil's children() reads every process on the machine each time)."""
-    found: set[int] = set()
-    todo = [root]
-    while todo:
-        pid = todo.pop()
-        try:
-            threads = os.listdir(f"/proc/{pid}/task")
-        except OSError:
-            continue
-        for tid in threads:
-            try:
-                with open(f"/proc/{pid}/task/{tid}/children", "rb") as handle:
-                    children = [int(child) for child in handle.read().split()]
-            except OSError:
-                continue
-            found.update(children)
-            todo.extend(children)
-    return found
-
-
 def tagged_children(daemon: int, prefix: str) -> dict[str, int]:
     """tag -> pid of the daemon's descendants whose last argv word starts with `prefix` (exec'd, not zombies: a
-    zombie's command line is empty, and a forked child shows its parent's until it execs)."""
+    zombie's command line is empty, and a forked child shows its parent's until it execs). The tree is read
+    through the kernel's children lists (the agent's own `descendants`), so the poll that times a restart costs
+    well under a millisecond and barely competes with the supervisor it measures (psutil's children() reads every
+    process on the machine each time)."""
     found = {}
-    for pid in tree(daemon):
+    for pid in (descendants(daemon) or set()) - {daemon}:
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as handle:
                 cmd = handle.read().split(b"\0")[:-1]

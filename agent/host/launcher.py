@@ -14,7 +14,7 @@ from typing import Protocol
 import psutil
 
 from agent.errors import SpawnError
-from agent.host.logpipes import LogPipe, LogSpec, LogWriter
+from agent.host.logpipes import LogPipe, LogSpec, LogWriter, fd_ready
 
 #: Set in every child's environment; inherited by its descendants, so escaped ones can still be found.
 TAG_VARIABLE = "EMP_SPAWN_TAG"
@@ -200,18 +200,9 @@ class AdoptedChild(_Tree):
             pidfd = os.pidfd_open(self.pid)
         except ProcessLookupError:
             return UNKNOWN_EXIT
-        loop = asyncio.get_running_loop()
-        exited: asyncio.Future[None] = loop.create_future()
-
-        def readable() -> None:
-            if not exited.done():
-                exited.set_result(None)
-
-        loop.add_reader(pidfd, readable)
         try:
-            await exited
+            await fd_ready(pidfd)  # a pidfd reads ready when its process has exited
         finally:
-            loop.remove_reader(pidfd)
             os.close(pidfd)
         return UNKNOWN_EXIT
 

@@ -133,7 +133,6 @@ class LogWriter:
         self._lock = asyncio.Lock()
         self._watchers: set[asyncio.Task[None]] = set()
         self._started_at = -RESTART_DELAY_S
-        self.restarts = 0
 
     @property
     def pid(self) -> int | None:
@@ -215,7 +214,7 @@ class LogWriter:
     async def _take_over(self, held: _Held, pidfd: int) -> None:
         """Hand an adopted pipe to our writer once the previous agent's writer has exited."""
         try:
-            await _ready(pidfd)  # a pidfd reads ready when its process has exited
+            await fd_ready(pidfd)  # a pidfd reads ready when its process has exited
         finally:
             held.parked = held.taker = None
             os.close(pidfd)
@@ -309,7 +308,7 @@ class LogWriter:
             except BlockingIOError:
                 if loop.time() > deadline:
                     raise SpawnError("the log writer is not taking new pipes (not reading)") from None
-                await _ready(control.fileno(), writable=True, within_s=deadline - loop.time())
+                await fd_ready(control.fileno(), writable=True, within_s=deadline - loop.time())
             except OSError:
                 raise _WriterGone from None
         held.sent = held.sent_before = True
@@ -353,7 +352,6 @@ class LogWriter:
         self._discard_writer()
         if not self._held:
             return
-        self.restarts += 1
         log.warning("the log writer exited; starting it again with its pipes", code=code, pipes=len(self._held))
         loop = asyncio.get_running_loop()
         await asyncio.sleep(max(0.0, self._started_at + RESTART_DELAY_S - loop.time()))
@@ -394,7 +392,7 @@ class LogWriter:
             control.close()
 
 
-async def _ready(fd: int, writable: bool = False, within_s: float | None = None) -> None:
+async def fd_ready(fd: int, writable: bool = False, within_s: float | None = None) -> None:
     """Wait until `fd` can be read (or written), or `within_s` seconds pass."""
     loop = asyncio.get_running_loop()
     ready: asyncio.Future[None] = loop.create_future()

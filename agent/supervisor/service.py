@@ -9,7 +9,6 @@ import signal
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import structlog
@@ -378,7 +377,9 @@ class ManagedService:
         or none started yet)."""
         counts = self._output.counts if self._output is not None else self._last_log_counts
         if counts is None:
-            return _log_state(self.spec.log_path)
+            counts = read_json(LogSpec(self.spec.log_path).state_path)
+        if not isinstance(counts, dict):
+            return {}
         return {"dropped_lines": counts.get("dropped_lines") or 0, "last_error": counts.get("last_error")}
 
     def _close_notify(self) -> None:
@@ -516,11 +517,3 @@ def _describe_exit(returncode: int, was_ready: bool) -> str:
             name = f"signal {-returncode}"
         return f"killed by {name}{when}"
     return f"exited with code {returncode}{when}"
-
-
-def _log_state(log_path: Path) -> dict[str, Any]:
-    """The log writer's counters and last error (empty before the first start)."""
-    state = read_json(LogSpec(log_path).state_path)
-    if not isinstance(state, dict):
-        return {}
-    return {"dropped_lines": state.get("dropped_lines", 0), "last_error": state.get("last_error")}
